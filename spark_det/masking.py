@@ -1,0 +1,105 @@
+"""Random patch masks on the encoder's coarsest grid, and the scoped holder sparse layers read.
+
+Convention everywhere in spark-det: ``visible`` is a bool tensor [B, 1, h, w], True where the
+patch is kept (SparK's "active" positions), on the grid of the encoder's coarsest feature map.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+
+
+def num_visible(grid_hw: tuple[int, int], mask_ratio: float) -> int:
+    """Patches kept per image: round(h * w * (1 - mask_ratio)), at least one."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    h, w = grid_hw
+    return max(1, round(h * w * (1.0 - mask_ratio)))
+
+
+def random_visible_mask(
+    batch_size: int,
+    grid_hw: tuple[int, int],
+    mask_ratio: float,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Per-image random mask with exactly ``num_visible`` True patches: [B, 1, h, w] bool.
+
+    Reproducible from ``generator`` (drawn on the generator's device, then moved to ``device``).
+    """
+    h, w = grid_hw
+    keep = num_visible(grid_hw, mask_ratio)
+    gen_device = generator.device if generator is not None else device
+    noise = torch.rand(batch_size, h * w, generator=generator, device=gen_device)
+    keep_idx = noise.argsort(dim=1)[:, :keep]  # [B, keep]
+    visible = torch.zeros(batch_size, h * w, dtype=torch.bool, device=gen_device)
+    visible.scatter_(1, keep_idx, True)
+    return visible.view(batch_size, 1, h, w).to(device if device is not None else gen_device)
+
+
+def upsample_mask(visible: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest upsampling of a [B, 1, h, w] mask to ``size``, which must be a multiple of (h, w)."""
+    h, w = visible.shape[-2:]
+    if size[0] % h or size[1] % w:
+        raise ValueError(
+            f"feature map {tuple(size)} is not a multiple of the mask grid {(h, w)}: "
+            "the input size must be divisible by the encoder's downsample ratio"
+        )
+    return visible.repeat_interleave(size[0] // h, dim=2).repeat_interleave(size[1] // w, dim=3)
+
+
+class ActiveMask:
+    """The visibility mask of the forward pass in progress, shared by one encoder's sparse layers.
+
+    Replaces the reference code's module-level global: every sparse layer receives the holder of
+    its own encoder at conversion time, so two encoders in one process never see each other's
+    mask. ``use`` is a context manager and re-entrant (a stack), and the per-resolution masks are
+    computed once per forward pass and cached for the duration of the context.
+    """
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[torch.Tensor, dict]] = []
+
+    @contextmanager
+    def use(self, visible: torch.Tensor) -> Iterator[None]:
+        if visible.dim() != 4 or visible.shape[1] != 1 or visible.dtype != torch.bool:
+            raise ValueError(f"visible mask must be bool [B, 1, h, w], got {visible.dtype} {tuple(visible.shape)}")
+        self._stack.append((visible, {}))
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self._stack)
+
+    def at(self, size: tuple[int, int], dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """The current mask at spatial ``size`` as [B, 1, H, W] in ``dtype``."""
+        if not self._stack:
+            raise RuntimeError(
+                "a sparse layer ran without a mask: call it through SparseEncoder.forward(x, visible) "
+                "(or inside `with active_mask.use(visible):`)"
+            )
+        visible, cache = self._stack[-1]
+        key = (int(size[0]), int(size[1]), dtype)
+        if key not in cache:
+            cache[key] = upsample_mask(visible, key[:2]).to(dtype)
+        return cache[key]
+
+    def like(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """Mask broadcastable to ``x`` ([B, C, H, W], or [B, H, W, C] when channels_last), same dtype."""
+        if x.dim() != 4:
+            raise RuntimeError(f"sparse layers expect 4-D feature maps, got shape {tuple(x.shape)}")
+        if channels_last:
+            return self.at(x.shape[1:3], x.dtype).permute(0, 2, 3, 1)
+        return self.at(x.shape[2:4], x.dtype)
+
+
+def masked_fill_pixels(images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Zero the masked patches of [B, C, H, W] images."""
+    return images * upsample_mask(visible, images.shape[-2:]).to(images.dtype)
