@@ -60,8 +60,20 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = _number_or_yaml(value)
     return out
+
+
+def _number_or_yaml(text: str) -> Any:
+    # PyYAML (YAML 1.1) reads "2e-3" as a string; a value that parses as a number is one.
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return yaml.safe_load(text)
 
 
 def resolve(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

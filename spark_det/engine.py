@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .data import sample_seed
@@ -105,6 +106,10 @@ def train_one_epoch(
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+        if dist.is_initialized() and dist.get_world_size() > 1:  # log the global batch's loss
+            mean_loss = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+            dist.all_reduce(mean_loss)
+            loss_sum = mean_loss.item() / dist.get_world_size()
         now = time.perf_counter()
         metrics = {
             "epoch": epoch, "iter": i, "global_iter": it, "loss": loss_sum, "lr": lr, "wd": wd,

@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, DropPath, EffectiveSEModule, LayerNorm2d, SEModule
 from timm.layers import activations as timm_act
 from timm.layers.grn import GlobalResponseNorm
@@ -149,7 +148,7 @@ class RemaskOutputChannelsLast(RemaskOutput):
     channels_last = True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sparse_subclass(base: type, mixin: type) -> type:
     """``Sparse<Base>``: ``mixin``'s forward over ``base``'s (cached, one class per pair)."""
     return type(f"Sparse{base.__name__}", (mixin, base), {"__module__": __name__})

@@ -28,7 +28,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from spark_det.checkpoint import (
-    CheckpointError, encoder_state_from_checkpoint, latest_checkpoint, load_file, rng_state, save_atomic,
+    CheckpointError,
+    encoder_state_from_checkpoint,
+    latest_checkpoint,
+    load_file,
+    rng_state,
+    save_atomic,
     set_rng_state,
 )
 from spark_det.config import ConfigError, load_recipe, parse_overrides, resolve
