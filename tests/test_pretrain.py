@@ -12,10 +12,11 @@ import timm
 import torch
 from PIL import Image
 
-import pretrain as pretrain_cli
 from spark_det.checkpoint import CheckpointError, load_file, save_atomic
 from spark_det.data import load_rgb
 from spark_det.synthetic import SceneConfig, write_unlabeled_images
+
+import pretrain as pretrain_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")

@@ -1,9 +1,10 @@
 """Smoke test of the Detectron2 stack: Mask R-CNN R50-FPN trains and evaluates on CPU."""
 
 import torch
-from frameworks import require
 
 from spark_det.synthetic import make_dataset
+
+from frameworks import require
 
 require("detectron2")
 

@@ -1,9 +1,9 @@
 """Smoke test of the MMDetection stack: Mask R-CNN R50-FPN trains and evaluates on CPU."""
 
 
-from frameworks import require
-
 from spark_det.synthetic import CLASSES, make_dataset
+
+from frameworks import require
 
 require("mmdet")
 
