@@ -1,0 +1,39 @@
+"""A shrunk `make demo` runs end to end and leaves every artifact with sane content."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from frameworks import require
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_shrunk_demo_produces_the_table_and_the_plots(tmp_path):
+    require("detectron2")
+    require("mmdet")
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "tools/demo.py", "--out", str(out), "--num-unlabeled", "64", "--num-train", "16",
+         "--num-val", "8", "--pretrain-epochs", "2", "--finetune-iters", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "=== SparK pretraining:" in proc.stdout and "done in" in proc.stdout
+    report = json.loads((out / "results.json").read_text())
+    combos = {(r["framework"], r["init"]) for r in report["results"]}
+    assert combos == {(fw, init) for fw in ("detectron2", "mmdet") for init in ("spark", "scratch")}
+    for row in report["results"]:
+        for key in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"):
+            assert 0.0 <= row[key] <= 100.0 and not math.isnan(row[key])
+    table = (out / "results.md").read_text()
+    assert table.count("\n| ") >= 5 and "box AP" in table
+    for name in ("ap.png", "pretrain_loss.png", "reconstruction.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] > 100 and img.size[1] > 100
