@@ -20,3 +20,11 @@ def _deterministic_torch():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory):
+    """4 train / 2 val synthetic 128 px images in COCO format, shared by the framework tests."""
+    from spark_det.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("tiny_coco"), 4, 2, 0, (128, 128), seed=0)

@@ -11,3 +11,23 @@ def require(module: str):
     if os.environ.get("CI") or os.environ.get("SPARK_DET_REQUIRE_FRAMEWORKS"):
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"{module} not installed (run `make setup`)")
+
+
+def converted_spark_encoders(folder, target: str, depths=(18, 50)) -> dict:
+    """Export fresh SparK ResNet encoders and convert them with tools/convert_weights.py."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spark_det.checkpoint import save_atomic
+    from spark_det.encoder import SparseEncoder
+
+    root = Path(__file__).resolve().parents[1]
+    suffix = ".pkl" if target == "detectron2" else f"_{target}.pth"
+    paths = {}
+    for depth in depths:
+        src = save_atomic(SparseEncoder(f"resnet{depth}").dense_state_dict(), Path(folder) / f"r{depth}.pth")
+        paths[depth] = Path(folder) / f"r{depth}{suffix}"
+        subprocess.run([sys.executable, "tools/convert_weights.py", str(src), str(paths[depth]), "--to", target],
+                       cwd=root, check=True, env={**os.environ, "PYTHONPATH": str(root)})
+    return paths

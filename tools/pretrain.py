@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -241,6 +240,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    t0 = time.time()
-    code = main()
-    sys.exit(code)
+    sys.exit(main())

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from frameworks import require
-from spark_det.checkpoint import save_atomic
-from spark_det.encoder import SparseEncoder
-from spark_det.synthetic import make_dataset
+from frameworks import converted_spark_encoders, require
 
 require("detectron2")
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,21 +27,9 @@ SHRINK = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("coco"), 4, 2, 0, (128, 128), seed=0)
-
-
-@pytest.fixture(scope="module")
 def spark_weights(tmp_path_factory):
     """SparK encoders exported by spark-det and converted by tools/convert_weights.py."""
-    folder = tmp_path_factory.mktemp("weights")
-    paths = {}
-    for depth in (18, 50):
-        src = save_atomic(SparseEncoder(f"resnet{depth}").dense_state_dict(), folder / f"r{depth}.pth")
-        paths[depth] = folder / f"r{depth}.pkl"
-        subprocess.run([sys.executable, "tools/convert_weights.py", src, paths[depth], "--to", "detectron2"],
-                       cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return paths
+    return converted_spark_encoders(tmp_path_factory.mktemp("weights"), "detectron2")
 
 
 def test_there_are_configs_for_the_paper_recipes():
@@ -55,12 +40,12 @@ def test_there_are_configs_for_the_paper_recipes():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_trains_and_reports_coco_ap(config, data, spark_weights, tmp_path):
+def test_config_trains_and_reports_coco_ap(config, tiny_coco, spark_weights, tmp_path):
     depth = 18 if "R_18" in config.name else 50
     weights = "" if "scratch" in config.name else str(spark_weights[depth])
     cmd = [sys.executable, "tools/train_det2.py", "--config-file", str(config),
-           "--register-coco", "cfg_train", str(data["train_json"]), str(data["train_images"]),
-           "--register-coco", "cfg_val", str(data["val_json"]), str(data["val_images"]),
+           "--register-coco", "cfg_train", str(tiny_coco["train_json"]), str(tiny_coco["train_images"]),
+           "--register-coco", "cfg_val", str(tiny_coco["val_json"]), str(tiny_coco["val_images"]),
            *SHRINK, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

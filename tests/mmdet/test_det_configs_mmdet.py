@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from frameworks import require
-from spark_det.checkpoint import save_atomic
-from spark_det.encoder import SparseEncoder
-from spark_det.synthetic import make_dataset
+from frameworks import converted_spark_encoders, require
 
 require("mmdet")
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,26 +27,15 @@ SHRINK = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("coco"), 4, 2, 0, (128, 128), seed=0)
-
-
-@pytest.fixture(scope="module")
 def spark_weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    paths = {}
-    for depth in (18, 50):
-        src = save_atomic(SparseEncoder(f"resnet{depth}").dense_state_dict(), folder / f"r{depth}.pth")
-        paths[depth] = folder / f"r{depth}_mmdet.pth"
-        subprocess.run([sys.executable, "tools/convert_weights.py", src, paths[depth], "--to", "mmdet"],
-                       cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return paths
+    """SparK encoders exported by spark-det and converted by tools/convert_weights.py."""
+    return converted_spark_encoders(tmp_path_factory.mktemp("weights"), "mmdet")
 
 
-def _train(config, data, work_dir, *extra, options=()):
+def _train(config, tiny_coco, work_dir, *extra, options=()):
     cmd = [sys.executable, "tools/train_mmdet.py", str(config), "--work-dir", str(work_dir),
-           "--coco-train", str(data["train_json"]), str(data["train_images"]),
-           "--coco-val", str(data["val_json"]), str(data["val_images"]), *extra,
+           "--coco-train", str(tiny_coco["train_json"]), str(tiny_coco["train_images"]),
+           "--coco-val", str(tiny_coco["val_json"]), str(tiny_coco["val_images"]), *extra,
            "--cfg-options", *SHRINK, *options]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -65,9 +51,9 @@ def _final_metrics(work_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_trains_from_spark_weights_and_reports_coco_ap(config, data, spark_weights, tmp_path):
+def test_config_trains_from_spark_weights_and_reports_coco_ap(config, tiny_coco, spark_weights, tmp_path):
     depth = 18 if "r18" in config.name else 50
-    log = _train(config, data, tmp_path, options=[f"model.backbone.init_cfg.checkpoint={spark_weights[depth]}"])
+    log = _train(config, tiny_coco, tmp_path, options=[f"model.backbone.init_cfg.checkpoint={spark_weights[depth]}"])
     assert f"Loads checkpoint by _checkpoint_weights_only backend from path: {spark_weights[depth]}" in log
     assert "missing keys in source state_dict" not in log and "unexpected key in source state_dict" not in log
     final = _final_metrics(tmp_path)
@@ -76,12 +62,12 @@ def test_config_trains_from_spark_weights_and_reports_coco_ap(config, data, spar
 
 
 @pytest.mark.slow
-def test_interrupted_training_resumes_weights_only_on_new_torch(data, spark_weights, tmp_path):
+def test_interrupted_training_resumes_weights_only_on_new_torch(tiny_coco, spark_weights, tmp_path):
     config = ROOT / "det_configs" / "mmdet" / "mask-rcnn_r18_fpn_cpu_demo.py"
     init = [f"model.backbone.init_cfg.checkpoint={spark_weights[18]}"]
-    _train(config, data, tmp_path, options=init)  # 2 iterations, checkpoint every iteration
+    _train(config, tiny_coco, tmp_path, options=init)  # 2 iterations, checkpoint every iteration
     assert (tmp_path / "iter_2.pth").is_file()
-    log = _train(config, data, tmp_path, "--resume", "auto", options=[*init, "train_cfg.max_iters=3",
+    log = _train(config, tiny_coco, tmp_path, "--resume", "auto", options=[*init, "train_cfg.max_iters=3",
                                                                       "train_cfg.val_interval=3"])
     assert "resumed epoch: 0, iter: 2" in log
     assert "Iter(train) [3/3]" in log
