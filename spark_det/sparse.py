@@ -119,9 +119,10 @@ def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, gn: nn.GroupNorm) -> 
 
 
 class SparseLayer:
-    """Base of all sparse layers: knows the ActiveMask of its encoder."""
+    """Base of all sparse layers: knows the ActiveMask of its encoder and its tensor layout."""
 
     active: ActiveMask
+    channels_last = False  # True for layers that run on [B, H, W, C] tensors
 
     @classmethod
     def adopt(cls, dense: nn.Module, active: ActiveMask) -> nn.Module:
@@ -134,8 +135,6 @@ class SparseLayer:
 
 class RemaskOutput(SparseLayer):
     """Per-position layer: run the dense forward, then zero the output at masked positions."""
-
-    channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
@@ -199,8 +198,12 @@ class SparseGlobalResponseNorm(SparseLayer, GlobalResponseNorm):
     """ConvNeXt-V2's GRN: its spatial L2 norm already ignores the zeros at masked positions;
     only the bias must not fill them."""
 
+    @property
+    def channels_last(self) -> bool:
+        return self.channel_dim == -1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * self.active.like(x, channels_last=self.channel_dim == -1)
+        return super().forward(x) * self.active.like(x, channels_last=self.channels_last)
 
 
 def _visible_squeeze(x: torch.Tensor, mask: torch.Tensor, add_maxpool: bool) -> torch.Tensor:
@@ -328,7 +331,7 @@ def first_layer_fed_masked_values(model: nn.Module, run: Callable[[], object]) -
     def check(name: str, layer: SparseLayer, x: torch.Tensor) -> None:
         if offenders or x.dim() != 4:
             return
-        mask = layer.active.like(x, channels_last=isinstance(layer, RemaskOutputChannelsLast))
+        mask = layer.active.like(x, channels_last=layer.channels_last)
         if (x * (1 - mask)).abs().amax() > 0:
             offenders.append(name)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -60,11 +61,16 @@ class Stages:
         return result
 
 
+def _ap(value: float) -> float:
+    # Detectron2 reports NaN when a model made no detection at all; COCO AP is 0 then.
+    return 0.0 if math.isnan(value) else float(value)
+
+
 def detectron2_results(output_dir: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines() if line.strip()]
     final = next(r for r in reversed(rows) if "bbox/AP" in r)
-    return {"box_AP": final["bbox/AP"], "box_AP50": final["bbox/AP50"],
-            "mask_AP": final["segm/AP"], "mask_AP50": final["segm/AP50"]}
+    return {"box_AP": _ap(final["bbox/AP"]), "box_AP50": _ap(final["bbox/AP50"]),
+            "mask_AP": _ap(final["segm/AP"]), "mask_AP50": _ap(final["segm/AP50"])}
 
 
 def mmdet_results(work_dir: Path) -> dict[str, float]:

@@ -38,7 +38,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         # pycocotools' COCOeval unless Detectron2's compiled fast evaluator is really there
-        return COCOEvaluator(dataset_name, output_dir=output_folder or cfg.OUTPUT_DIR,
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)  # not inferred from (maybe no) predictions
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder or cfg.OUTPUT_DIR,
                              use_fast_impl=_has_compiled_ops())
 
     @classmethod
