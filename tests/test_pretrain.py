@@ -165,3 +165,16 @@ def test_init_weights_rejects_truncated_and_mismatched_files(images, tmp_path):
     truncated.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated"):
         run(images, tmp_path / "o", extra=("--init-weights", str(truncated)))
+
+
+def test_visualize_renders_a_grid_from_a_full_checkpoint_and_refuses_an_encoder(images, tmp_path, capsys):
+    import visualize
+
+    out = tmp_path / "run"
+    assert run(images, out, "epochs=1", "batch_size=16", "warmup_epochs=0") == 0
+    grid = tmp_path / "grid.png"
+    assert visualize.main([str(out / "checkpoint-last.pth"), str(images), "--out", str(grid), "--num-images", "3"]) == 0
+    with Image.open(grid) as img:
+        assert img.size[0] > 3 * 64 and img.size[1] > 3 * 64  # 3 columns x 3 rows of 64 px
+    assert visualize.main([str(out / "encoder-resnet18.pth"), str(images), "--out", str(grid)]) == 1
+    assert "not a full spark-det checkpoint" in capsys.readouterr().err
