@@ -1,0 +1,52 @@
+"""Layer-wise lr decay ids follow the paper for every ResNet depth (no overflow for R152/R200)."""
+
+import pytest
+
+from frameworks import require
+
+require("detectron2")
+
+
+@pytest.mark.parametrize("res4_blocks,expected_n", [(2, 4), (6, 5), (23, 11), (36, 15)])
+def test_layer_ids_are_monotonic_and_bounded(res4_blocks, expected_n):
+    from spark_det.d2.optim import resnet_layer_id
+
+    def lid(name):
+        return resnet_layer_id(name, res4_blocks)
+
+    n = expected_n
+    assert lid("backbone.bottom_up.stem.conv1.weight") == (0, n + 2)
+    assert lid("backbone.bottom_up.res2.0.conv1.weight")[0] == 1
+    assert lid("backbone.bottom_up.res3.3.conv2.weight")[0] == 2
+    res4 = [lid(f"backbone.bottom_up.res4.{b}.conv1.weight")[0] for b in range(res4_blocks)]
+    assert res4[0] == 3 and res4 == sorted(res4) and max(res4) == n - 1  # 3 + b // 3, below res5
+    assert lid("backbone.bottom_up.res5.2.conv3.weight")[0] == n
+    assert lid("backbone.fpn_lateral2.weight")[0] == n + 1
+    assert lid("roi_heads.box_predictor.cls_score.weight")[0] == n + 1
+
+
+def test_optimizer_scales_lr_by_decay_power_of_distance_to_the_heads():
+    import torch
+    from detectron2.config import get_cfg
+
+    from spark_det.d2 import add_spark_config, build_layer_decay_optimizer
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Module()
+            self.backbone.bottom_up = torch.nn.Module()
+            self.backbone.bottom_up.stem = torch.nn.Conv2d(1, 1, 1)
+            self.backbone.bottom_up.res4 = torch.nn.ModuleList(torch.nn.Conv2d(1, 1, 1) for _ in range(6))
+            self.head = torch.nn.Linear(1, 1)
+
+    cfg = get_cfg()
+    add_spark_config(cfg)
+    cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.LAYER_DECAY = "AdamW", 1.0, 0.5
+    optimizer = build_layer_decay_optimizer(cfg, Toy())
+    lrs = {(g["layer_id"], g["weight_decay"] == 0): g["lr"] for g in optimizer.param_groups}
+    n = 5  # 6 res4 blocks
+    assert lrs[(n + 1, False)] == 1.0  # heads: full lr
+    assert lrs[(0, False)] == 0.5 ** (n + 1)  # stem
+    assert lrs[(3, False)] == 0.5 ** (n - 2) and lrs[(4, False)] == 0.5 ** (n - 3)
+    assert all(g["weight_decay"] == 0 for g in optimizer.param_groups if g["params"][0].ndim <= 1)
