@@ -82,13 +82,27 @@ def identify(state: dict[str, torch.Tensor]) -> str:
     )
 
 
-def to_timm(obj: dict) -> tuple[str, dict[str, torch.Tensor]]:
-    """Any supported source -> (timm model name, encoder state dict with timm names, no classifier)."""
+def timm_encoder_state(obj: dict) -> dict[str, torch.Tensor]:
+    """Any supported source -> encoder state dict with timm names and no classifier."""
     state = encoder_state_from_checkpoint(obj)
     if any(k.startswith("downsample_layers.") for k in state):
         state = original_convnext_to_timm(state)
-    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+
+
+def to_timm(obj: dict) -> tuple[str, dict[str, torch.Tensor]]:
+    """Any supported source -> (timm model name, :func:`timm_encoder_state`)."""
+    state = timm_encoder_state(obj)
     return identify(state), state
+
+
+def key_mismatch(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+                 ) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape-mismatched) keys of ``state`` against ``reference``, sorted."""
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    bad = sorted(k for k in set(reference) & set(state) if tuple(reference[k].shape) != tuple(state[k].shape))
+    return missing, unexpected, bad
 
 
 def check_covers(state: dict[str, torch.Tensor], model_name: str) -> None:
@@ -97,14 +111,12 @@ def check_covers(state: dict[str, torch.Tensor], model_name: str) -> None:
 
     with torch.device("meta"):
         reference = timm.create_model(model_name, num_classes=0).state_dict()
-    missing = sorted(set(reference) - set(state))
-    unexpected = sorted(set(state) - set(reference))
+    missing, unexpected, bad = key_mismatch(state, reference)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not cover {model_name}: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); the file may be truncated or another model"
         )
-    bad = [k for k in reference if tuple(reference[k].shape) != tuple(state[k].shape)]
     if bad:
         raise CheckpointError(f"shape mismatch for {model_name} at {bad[:3]}: "
                               f"{tuple(state[bad[0]].shape)} vs {tuple(reference[bad[0]].shape)}")

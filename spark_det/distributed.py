@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .sparse import enable_sparse_sync_batchnorm, sparse_batch_norm
+from .sparse import enable_sparse_sync_batchnorm, retype, sparse_batch_norm
 
 
 @dataclass
@@ -59,9 +59,7 @@ def sync_batchnorms(model: nn.Module, use_torch_sync: bool) -> nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.BatchNorm2d:  # exactly dense BN: the sparse ones are subclasses
-                synced = DenseSyncBatchNorm2d.__new__(DenseSyncBatchNorm2d)
-                synced.__dict__.update(child.__dict__)
-                setattr(module, child_name, synced)
+                setattr(module, child_name, retype(child, DenseSyncBatchNorm2d))
     return model
 
 

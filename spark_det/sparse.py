@@ -118,6 +118,14 @@ def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, gn: nn.GroupNorm) -> 
 # Sparse layers. Each is created from a dense instance by `adopt`, which shares its state.
 
 
+def retype(module: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` instance sharing ``module``'s parameters, buffers, hooks and submodules
+    (``cls`` must be a subclass of ``type(module)``'s base that adds only a forward)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    return new
+
+
 class SparseLayer:
     """Base of all sparse layers: knows the ActiveMask of its encoder and its tensor layout."""
 
@@ -126,9 +134,8 @@ class SparseLayer:
 
     @classmethod
     def adopt(cls, dense: nn.Module, active: ActiveMask) -> nn.Module:
-        """A ``cls`` instance sharing ``dense``'s parameters, buffers, hooks and submodules."""
-        sparse = cls.__new__(cls)
-        sparse.__dict__.update(dense.__dict__)
+        """A ``cls`` instance sharing ``dense``'s state (see :func:`retype`), reading ``active``."""
+        sparse = retype(dense, cls)
         sparse.active = active
         return sparse
 

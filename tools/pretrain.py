@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from spark_det.checkpoint import (
     CheckpointError,
-    encoder_state_from_checkpoint,
     latest_checkpoint,
     load_file,
     rng_state,
@@ -36,6 +35,7 @@ from spark_det.checkpoint import (
     set_rng_state,
 )
 from spark_det.config import ConfigError, load_recipe, parse_overrides, resolve
+from spark_det.convert import key_mismatch, timm_encoder_state
 from spark_det.data import EpochSampler, NoImagesError, UnlabeledImages, collate
 from spark_det.distributed import barrier, cleanup, init_distributed, sync_batchnorms
 from spark_det.engine import NonFiniteLossError, Schedule, train_one_epoch
@@ -67,18 +67,14 @@ def load_init_weights(spark, path: str) -> str:
             raise CheckpointError(f"{path}: full checkpoint does not match this model "
                                   f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         return f"full SparK model from {path}"
-    state = encoder_state_from_checkpoint(obj)
+    state = timm_encoder_state(obj)  # unwrapped, timm names (paper's ConvNeXt renamed), no classifier
     target = spark.encoder.model.state_dict()
-    missing = sorted(set(target) - set(state))
-    # Released ResNet files carry the classifier (fc.*); it is not part of the encoder.
-    unexpected = sorted(k for k in set(state) - set(target) if not k.startswith(("fc.", "head.")))
+    missing, unexpected, bad = key_mismatch(state, target)
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match encoder {spark.encoder.model_name}: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
-            "For the paper's ConvNeXt files, convert them first: tools/convert_weights.py SRC DST --to timm"
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
-    bad = [k for k in target if state[k].shape != target[k].shape]
     if bad:
         raise CheckpointError(f"{path}: shape mismatch for {bad[:3]}; is it the same architecture?")
     spark.encoder.model.load_state_dict({k: state[k] for k in target}, strict=True)
