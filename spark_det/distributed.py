@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .sparse import enable_sparse_sync_batchnorm, retype, sparse_batch_norm
+from .sparse import retype, sparse_batch_norm
+from .sparsify import enable_sparse_sync_batchnorm
 
 
 @dataclass
@@ -47,7 +48,7 @@ class DenseSyncBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = True if dist.is_initialized() and dist.get_world_size() > 1 else None
-        return sparse_batch_norm(x, torch.ones_like(x[:, :1]), self, group)
+        return sparse_batch_norm(x, None, self, group)
 
 
 def sync_batchnorms(model: nn.Module, use_torch_sync: bool) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .masking import ActiveMask, masked_fill_pixels
-from .sparse import first_layer_fed_masked_values, modules_run_by, sparsify
+from .sparsify import first_layer_fed_masked_values, modules_run_by, sparsify
 
 NUM_SCALES = 4
 
@@ -25,11 +25,14 @@ class SparseEncoder(nn.Module):
         model: a timm model name or an already built timm model (with ``forward_intermediates``).
         verify: run a small probe after conversion and raise if a layer feeds non-zero values to
             masked positions (i.e. the model contains a layer sparse execution does not cover).
+        impl: 'fast' (default: standard blocks on visible rows, channels_last memory format) or
+            'reference' (SparK's dense emulation with gather/scatter norms); same outputs.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``norm_layer``).
     """
 
-    def __init__(self, model: Union[str, nn.Module], verify: bool = True, **timm_kwargs) -> None:
+    def __init__(self, model: Union[str, nn.Module], verify: bool = True, impl: str = "fast", **timm_kwargs) -> None:
         super().__init__()
+        self.impl = impl
         if isinstance(model, str):
             self.model_name = model
             model = timm.create_model(model, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
@@ -53,7 +56,7 @@ class SparseEncoder(nn.Module):
         model.eval()
         with torch.no_grad():
             ran = modules_run_by(model, lambda: self.model.forward_intermediates(probe, indices=NUM_SCALES))
-            sparsify(model, self.active, only=ran)
+            sparsify(model, self.active, only=ran, impl=impl)
             if verify:
                 self._verify(probe)
         model.train(was_training)
@@ -88,6 +91,8 @@ class SparseEncoder(nn.Module):
             raise ValueError(f"mask grid {tuple(visible.shape[-2:])} does not match the input's grid {grid}")
         with self.active.use(visible):
             images = masked_fill_pixels(images, visible)
+            if self.impl == "fast":  # rows are then gathered from views, without a transpose copy
+                images = images.contiguous(memory_format=torch.channels_last)
             return self.model.forward_intermediates(images, indices=NUM_SCALES, intermediates_only=True)
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:

@@ -78,17 +78,45 @@ class ActiveMask:
     def is_set(self) -> bool:
         return bool(self._stack)
 
-    def at(self, size: tuple[int, int], dtype: torch.dtype = torch.bool) -> torch.Tensor:
-        """The current mask at spatial ``size`` as [B, 1, H, W] in ``dtype``."""
+    def _current(self) -> tuple[torch.Tensor, dict]:
         if not self._stack:
             raise RuntimeError(
                 "a sparse layer ran without a mask: call it through SparseEncoder.forward(x, visible) "
                 "(or inside `with active_mask.use(visible):`)"
             )
-        visible, cache = self._stack[-1]
+        return self._stack[-1]
+
+    def at(self, size: tuple[int, int], dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """The current mask at spatial ``size`` as [B, 1, H, W] in ``dtype``."""
+        visible, cache = self._current()
         key = (int(size[0]), int(size[1]), dtype)
         if key not in cache:
             cache[key] = upsample_mask(visible, key[:2]).to(dtype)
+        return cache[key]
+
+    def rows(self, size: tuple[int, int], stride: int = 1) -> torch.Tensor:
+        """Flat indices (into [B * H * W], row-major) of the visible positions at ``size``.
+
+        With ``stride`` s the indices are those of the visible positions of the s-times coarser
+        grid, expressed at ``size`` (what a stride-s 1x1 convolution reads), in the same order as
+        ``rows`` of that coarser grid. Cached for the duration of the context like :meth:`at`.
+        """
+        _, cache = self._current()
+        key = ("rows", int(size[0]), int(size[1]), int(stride))
+        if key not in cache:
+            full = self.at(size)  # [B, 1, H, W]
+            positions = torch.arange(full.numel(), device=full.device).view(full.shape)
+            if stride > 1:
+                full, positions = full[..., ::stride, ::stride], positions[..., ::stride, ::stride]
+            cache[key] = positions[full]
+        return cache[key]
+
+    def sample_of_row(self, size: tuple[int, int]) -> torch.Tensor:
+        """Batch index of each entry of ``rows(size)`` (for per-sample operations on rows)."""
+        _, cache = self._current()
+        key = ("sample", int(size[0]), int(size[1]))
+        if key not in cache:
+            cache[key] = torch.div(self.rows(size), int(size[0]) * int(size[1]), rounding_mode="floor")
         return cache[key]
 
     def like(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

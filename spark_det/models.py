@@ -36,10 +36,14 @@ def create_spark(
     mask_ratio: float = 0.6,
     decoder_width: int = 768,
     drop_path_rate: float | None = None,
+    sparse_impl: str = "fast",
     **timm_kwargs: Any,
 ) -> SparK:
-    """A SparK model around ``timm.create_model(model_name)`` with the paper's drop-path rate."""
+    """A SparK model around ``timm.create_model(model_name)`` with the paper's drop-path rate.
+
+    ``sparse_impl``: 'fast' or 'reference' sparse execution (same results, see spark_det.sparsify).
+    """
     if drop_path_rate is None:
         drop_path_rate = SUPPORTED_MODELS.get(model_name, {}).get("drop_path_rate", 0.0)
-    encoder = SparseEncoder(model_name, drop_path_rate=drop_path_rate, **timm_kwargs)
+    encoder = SparseEncoder(model_name, drop_path_rate=drop_path_rate, impl=sparse_impl, **timm_kwargs)
     return SparK(encoder, mask_ratio=mask_ratio, decoder_width=decoder_width)

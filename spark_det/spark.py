@@ -15,7 +15,7 @@ from timm.layers import LayerNorm2d
 from .decoder import LightDecoder
 from .encoder import SparseEncoder
 from .masking import masked_fill_pixels, random_visible_mask, upsample_mask
-from .sparse import sparsify
+from .sparsify import sparsify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,7 +78,9 @@ class SparK(nn.Module):
             for c in enc_channels
         )
         norm_cls = nn.BatchNorm2d if densify_norm == "bn" else (lambda c: LayerNorm2d(c, eps=1e-6))
-        self.densify_norms = sparsify(nn.ModuleList(norm_cls(c) for c in enc_channels), encoder.active)
+        self.densify_norms = sparsify(
+            nn.ModuleList(norm_cls(c) for c in enc_channels), encoder.active, impl=encoder.impl
+        )
         self.densify_projs = nn.ModuleList(
             nn.Identity() if i == 0 and e == d else nn.Conv2d(e, d, kernel_size=1 if i == 0 else 3,
                                                                padding=0 if i == 0 else 1)

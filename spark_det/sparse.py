@@ -18,21 +18,25 @@ unchanged and no timm or torch class is modified. The mask reaches the layers th
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.layers import BatchNormAct2d, DropPath, EffectiveSEModule, LayerNorm2d, SEModule
+from timm.layers import BatchNormAct2d, DropPath, EffectiveSEModule, SEModule
 from timm.layers import activations as timm_act
 from timm.layers.grn import GlobalResponseNorm
-from timm.layers.norm import LayerNorm2dFp32
 
 from .masking import ActiveMask
 
-
-class UnsupportedLayerError(TypeError):
-    """A layer on the encoder's forward path has no sparse implementation."""
+# Elementwise or per-sample layers: they cannot move information between positions. Their output
+# at masked positions is zeroed by the next sparse layer (and checked by `first_layer_fed_masked_values`).
+POINTWISE_LAYERS: tuple[type, ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU,
+    nn.PReLU, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Dropout, DropPath,
+    timm_act.Sigmoid, timm_act.HardSigmoid, timm_act.Swish, timm_act.Mish, timm_act.Tanh, timm_act.HardSwish, timm_act.HardMish, timm_act.GELU,
+    timm_act.GELUTanh, timm_act.QuickGELU,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,7 +51,7 @@ def visible_mean(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> 
 
 def sparse_batch_norm(
     x: torch.Tensor,
-    mask: torch.Tensor,
+    mask: Optional[torch.Tensor],
     bn: nn.modules.batchnorm._BatchNorm,
     process_group: Optional[object] = None,
 ) -> torch.Tensor:
@@ -56,8 +60,11 @@ def sparse_batch_norm(
     Equals ``F.batch_norm`` applied to the gathered visible vectors [N_visible, C] and scattered
     back (the definition the tests check), without the gather/scatter. With ``process_group``
     (or the default group when ``bn.sparse_sync`` is set) the sums are all-reduced across ranks:
-    a sparse SyncBatchNorm that also works with gloo on CPU.
+    a sparse SyncBatchNorm that also works with gloo on CPU. ``mask=None``: every position of
+    ``x`` is visible (already gathered vectors, as [N, C, 1, 1]).
     """
+    if mask is None:
+        mask = x.new_ones(1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
     use_batch_stats = bn.training or not bn.track_running_stats
     if use_batch_stats:
         dims = (0, 2, 3)
@@ -155,7 +162,7 @@ class RemaskOutputChannelsLast(RemaskOutput):
 
 
 @functools.cache
-def _sparse_subclass(base: type, mixin: type) -> type:
+def sparse_subclass(base: type, mixin: type) -> type:
     """``Sparse<Base>``: ``mixin``'s forward over ``base``'s (cached, one class per pair)."""
     return type(f"Sparse{base.__name__}", (mixin, base), {"__module__": __name__})
 
@@ -219,137 +226,3 @@ def _visible_squeeze(x: torch.Tensor, mask: torch.Tensor, add_maxpool: bool) -> 
         x_max = x.masked_fill(mask == 0, float("-inf")).amax((2, 3), keepdim=True)
         x_se = 0.5 * x_se + 0.5 * x_max
     return x_se
-
-
-# ----------------------------------------------------------------------------------------------
-# Conversion
-
-
-# Elementwise or per-sample layers: they cannot move information between positions. Their output
-# at masked positions is zeroed by the next sparse layer (and checked by `verify_masked_zero`).
-POINTWISE_LAYERS: tuple[type, ...] = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU,
-    nn.PReLU, nn.Tanh, nn.Dropout, DropPath,
-    timm_act.Swish, timm_act.Mish, timm_act.Tanh, timm_act.HardSwish, timm_act.HardMish, timm_act.GELU,
-    timm_act.GELUTanh, timm_act.QuickGELU,
-)
-
-
-def _converter_for(module: nn.Module) -> Optional[Callable[[nn.Module, ActiveMask], nn.Module]]:
-    """The sparse replacement for ``module``, or None when it needs none (pointwise/container)."""
-    if isinstance(module, SparseLayer):
-        return None
-    if isinstance(module, BatchNormAct2d):
-        return SparseBatchNormAct2d.adopt
-    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-        return SparseBatchNorm2d.adopt
-    if isinstance(module, nn.GroupNorm):
-        return SparseGroupNorm.adopt
-    if isinstance(module, SEModule):
-        return SparseSEModule.adopt
-    if isinstance(module, EffectiveSEModule):
-        return SparseEffectiveSEModule.adopt
-    if isinstance(module, GlobalResponseNorm):
-        return SparseGlobalResponseNorm.adopt
-    if isinstance(module, (LayerNorm2d, LayerNorm2dFp32, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        return _sparse_subclass(type(module), RemaskOutput).adopt
-    if isinstance(module, (nn.LayerNorm, nn.Linear)):  # on 4-D input both act on the last (channel) dim
-        return _sparse_subclass(type(module), RemaskOutputChannelsLast).adopt
-    return None
-
-
-def sparsify(
-    model: nn.Module,
-    active: ActiveMask,
-    only: Optional[Iterable[str]] = None,
-) -> nn.Module:
-    """Convert ``model`` (in place, and returned) to sparse execution under ``active``.
-
-    Args:
-        model: a dense module; parameter names are preserved.
-        active: the mask holder its sparse layers will read.
-        only: names of the modules to convert (e.g. those a forward pass actually runs);
-            None converts all. Modules outside ``only`` are left dense.
-    Raises:
-        UnsupportedLayerError: a leaf module on the converted path has no sparse version and is
-            not known to be pointwise; the message names the module.
-    """
-    selected = None if only is None else set(only)
-
-    def visit(parent: nn.Module, prefix: str) -> nn.Module:
-        convert = _converter_for(parent)
-        if convert is not None and (selected is None or prefix in selected):
-            # SE modules are replaced whole: their children run on pooled [B, C, 1, 1] vectors.
-            return convert(parent, active)
-        children = list(parent.named_children())
-        if not children and (selected is None or prefix in selected) and not isinstance(parent, SparseLayer):
-            if not isinstance(parent, POINTWISE_LAYERS):
-                raise UnsupportedLayerError(
-                    f"layer '{prefix or type(parent).__name__}' ({type(parent).__module__}."
-                    f"{type(parent).__qualname__}) has no sparse implementation in spark_det.sparse; "
-                    "it could mix masked and visible positions. Add a sparse version or use another model."
-                )
-        for name, child in children:
-            new = visit(child, f"{prefix}.{name}" if prefix else name)
-            if new is not child:
-                setattr(parent, name, new)
-        return parent
-
-    return visit(model, "")
-
-
-def enable_sparse_sync_batchnorm(model: nn.Module, process_group: object = True) -> int:
-    """Make every sparse BatchNorm all-reduce its statistics (``True``: the default group).
-
-    Returns how many layers were switched. Use under DDP instead of nn.SyncBatchNorm.
-    """
-    layers = [m for m in model.modules() if isinstance(m, (SparseBatchNorm2d, SparseBatchNormAct2d))]
-    for layer in layers:
-        layer.sparse_sync = process_group
-    return len(layers)
-
-
-def modules_run_by(model: nn.Module, run: Callable[[], object]) -> list[str]:
-    """Names of the modules that ``run()`` calls, in the order they first run."""
-    order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        def hook(_m, _inp, _out, name=name):
-            if name not in order:
-                order.append(name)
-        handles.append(module.register_forward_hook(hook))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return order
-
-
-def first_layer_fed_masked_values(model: nn.Module, run: Callable[[], object]) -> Optional[str]:
-    """Name of the first sparse layer whose input is non-zero at a masked position, or None.
-
-    The invariant sparse execution rests on: every sparse layer sees exactly zero where the
-    sparse image has no entries. A non-zero there comes from a layer before it that is not
-    sparse-aware (e.g. an activation with f(0) != 0). ``run`` must run the model under its mask.
-    """
-    offenders: list[str] = []
-
-    def check(name: str, layer: SparseLayer, x: torch.Tensor) -> None:
-        if offenders or x.dim() != 4:
-            return
-        mask = layer.active.like(x, channels_last=layer.channels_last)
-        if (x * (1 - mask)).abs().amax() > 0:
-            offenders.append(name)
-
-    handles = [
-        module.register_forward_pre_hook(lambda m, inp, name=name: check(name, m, inp[0]))
-        for name, module in model.named_modules()
-        if isinstance(module, SparseLayer)
-    ]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return offenders[0] if offenders else None

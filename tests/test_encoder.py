@@ -8,7 +8,7 @@ from timm.layers import GroupNorm
 from spark_det.encoder import SparseEncoder
 from spark_det.masking import random_visible_mask, upsample_mask
 from spark_det.models import SUPPORTED_MODELS
-from spark_det.sparse import first_layer_fed_masked_values
+from spark_det.sparsify import first_layer_fed_masked_values
 
 # One representative per family; every SUPPORTED_MODELS entry is built in the test below.
 FAMILIES = {

@@ -13,7 +13,7 @@ from timm.layers import LayerNorm2d, SEModule
 
 from spark_det.encoder import SparseEncoder
 from spark_det.masking import ActiveMask, random_visible_mask, upsample_mask
-from spark_det.sparse import UnsupportedLayerError, enable_sparse_sync_batchnorm, sparsify
+from spark_det.sparsify import UnsupportedLayerError, enable_sparse_sync_batchnorm, sparsify
 
 
 def _sparse_input(b=4, c=8, grid=(3, 5), scale=4, seed=0):

@@ -1,0 +1,203 @@
+"""Throughput and peak memory of SparK pretraining: reference vs fast sparse execution, same run.
+
+    python benchmarks/pretrain_step.py                                   # CPU defaults below
+    python benchmarks/pretrain_step.py --device cuda --batch-size 64 --iters 20
+
+For each model and precision both implementations get the same weights, images and mask, and
+are timed alternately (so drifting clocks or thermal state hit both alike):
+* ``encoder``: the sparse encoder's forward + backward (a fixed random gradient on its 4 outputs);
+* ``step``: a whole pretraining step, forward, backward and the LAMB optimizer step.
+It prints images/s, the fast/reference ratio, peak memory (CUDA: max allocated; CPU: peak resident
+set growth, reset between measurements through /proc/self/clear_refs) and the relative loss
+difference of the first step, and can write everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spark_det.models import SUPPORTED_MODELS, create_spark  # noqa: E402
+from spark_det.optim import build_optimizer  # noqa: E402
+
+IMPLS = ("reference", "fast")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet50", "convnext_small", "convnext_base"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--parts", nargs="+", default=["encoder", "step"], choices=["encoder", "step"])
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per implementation")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+class PeakMemory:
+    """Peak memory growth of one measurement, in MiB (CUDA allocator, or the process's RSS on CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+            self.base = _status_kib("VmRSS") * 1024
+
+    def peak_mib(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (_status_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_pair(name: str, args, device: torch.device) -> dict[str, torch.nn.Module]:
+    """Reference and fast SparK models with identical weights."""
+    dp = SUPPORTED_MODELS.get(name, {}).get("drop_path_rate", 0.0)
+    models = {impl: create_spark(name, sparse_impl=impl, drop_path_rate=dp).to(device) for impl in IMPLS}
+    models["fast"].load_state_dict(models["reference"].state_dict())
+    return models
+
+
+def measure(fns: dict[str, Callable[[], object]], args, device) -> dict[str, dict[str, float]]:
+    """Time each function alternately; peak memory from a separate call of each."""
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            fn()
+    times = {impl: 0.0 for impl in fns}
+    for _ in range(args.iters):
+        for impl, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[impl] += time.perf_counter() - t0
+    results = {}
+    mem = PeakMemory(device)
+    for impl, fn in fns.items():
+        mem.start()
+        fn()
+        results[impl] = {"images_per_s": args.iters * args.batch_size / times[impl], "peak_mib": mem.peak_mib()}
+    return results
+
+
+def encoder_step(encoder, images, visible, grads, precision) -> None:
+    """Sparse encoder forward + backward with a fixed gradient on its outputs."""
+    with autocast(images.device, precision):
+        feats = encoder(images, visible)
+    torch.autograd.backward([f.float() for f in feats], grads)
+    encoder.zero_grad(set_to_none=True)
+
+
+def train_step(model, optimizer, images, visible, precision) -> None:
+    """A whole pretraining step: forward, backward, optimizer."""
+    with autocast(images.device, precision):
+        loss = model(images, visible)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_model(name: str, args, device: torch.device) -> list[dict]:
+    torch.manual_seed(0)
+    models = build_pair(name, args, device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g).to(device)
+    visible = models["reference"].random_mask(images, g).to(device)
+    with torch.no_grad():
+        shapes = [f.shape for f in models["reference"].encoder(images, visible)]
+    grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+    optimizers = {impl: build_optimizer(m, "lamb", lr=1e-4, weight_decay=0.04, betas=(0.9, 0.95))
+                  for impl, m in models.items()}
+    rows = []
+    for precision in args.dtypes:
+        for part in args.parts:
+            if part == "encoder":
+                fns = {impl: functools.partial(encoder_step, m.encoder, images, visible, grads, precision)
+                       for impl, m in models.items()}
+            else:
+                fns = {impl: functools.partial(train_step, m, optimizers[impl], images, visible, precision)
+                       for impl, m in models.items()}
+            # Same weights at this point: the timed steps below update both models alike.
+            with torch.no_grad(), autocast(device, precision):
+                losses = {impl: m(images, visible).item() for impl, m in models.items()}
+            res = measure(fns, args, device)
+            row = {"model": name, "dtype": precision, "part": part,
+                   **{f"{impl}_{k}": v for impl in IMPLS for k, v in res[impl].items()}}
+            row["speedup"] = res["fast"]["images_per_s"] / res["reference"]["images_per_s"]
+            row["loss_rel_diff"] = abs(losses["fast"] - losses["reference"]) / abs(losses["reference"])
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    return rows
+
+
+def _format_row(r: dict) -> str:
+    extra = f"  loss rel diff {r['loss_rel_diff']:.1e}"
+    return (f"| {r['model']} | {r['dtype']} | {r['part']} | {r['reference_images_per_s']:.2f} | "
+            f"{r['fast_images_per_s']:.2f} | **{r['speedup']:.2f}x** | {r['reference_peak_mib']:.0f} | "
+            f"{r['fast_peak_mib']:.0f} |{extra}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+           "batch_size": args.batch_size, "input_size": args.input_size, "iters": args.iters}
+    import timm
+
+    env["timm"] = timm.__version__
+    print("# " + json.dumps(env))
+    print("| model | dtype | measured | reference img/s | fast img/s | speedup | reference peak MiB | fast peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args, device)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
