@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, encoder_state_from_checkpoint
+from .convnext_pyramid import timm_to_pyramid_keys
 
 RESNET_DEPTHS = {
     ("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34, ("bottleneck", (3, 4, 6, 3)): 50,
@@ -137,18 +138,27 @@ def resnet_to_detectron2(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray
     return out
 
 
+def _detection_backbone_state(state: dict[str, torch.Tensor], model_name: str, framework: str) -> dict:
+    if model_name.startswith("convnext"):  # spark-det's ConvNeXt backbones (spark_det.convnext_pyramid)
+        return timm_to_pyramid_keys(state)
+    if model_name.startswith("resnet"):
+        return resnet_to_detectron2(state) if framework == "detectron2" else dict(state)
+    raise CheckpointError(f"{framework} conversion supports ResNets and ConvNeXts, not {model_name}")
+
+
 def detectron2_checkpoint(state: dict[str, torch.Tensor], model_name: str) -> dict:
-    """The .pkl layout Detectron2's DetectionCheckpointer reads (names matched by its heuristics)."""
-    if not model_name.startswith("resnet"):
-        raise CheckpointError(f"Detectron2 conversion supports ResNets only for now, not {model_name}")
-    return {"model": resnet_to_detectron2(state), "__author__": "spark-det", "matching_heuristics": True}
+    """The .pkl layout Detectron2's DetectionCheckpointer reads (names matched by its heuristics):
+    Detectron2 ResNet names, or ``downsample_layers.*/stages.*`` for build_convnext_*_backbone."""
+    model = _detection_backbone_state(state, model_name, "detectron2")
+    model = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in model.items()}
+    return {"model": model, "__author__": "spark-det", "matching_heuristics": True}
 
 
 def mmdet_checkpoint(state: dict[str, torch.Tensor], model_name: str) -> dict:
-    """MMDetection backbone weights: mmdet's ResNet (style='pytorch') uses torchvision names."""
-    if not model_name.startswith("resnet"):
-        raise CheckpointError(f"MMDetection conversion supports ResNets only for now, not {model_name}")
-    return {"state_dict": dict(state), "meta": {"converted_by": "spark-det", "arch": model_name}}
+    """MMDetection backbone weights: torchvision names for mmdet's ResNet (style='pytorch'),
+    ``downsample_layers.*/stages.*`` for the SparKConvNeXt backbone."""
+    model = _detection_backbone_state(state, model_name, "mmdet")
+    return {"state_dict": model, "meta": {"converted_by": "spark-det", "arch": model_name}}
 
 
 def convert(obj: dict, target: str, expect: Optional[str] = None) -> tuple[str, object, int]:

@@ -29,7 +29,7 @@ def scatter_visible(rows: torch.Tensor, mask: torch.Tensor, like: torch.Tensor, 
     """Inverse of :func:`gather_visible`: rows written into zeros shaped like ``like``."""
     bhwc = like if channels_last else like.permute(0, 2, 3, 1)
     out = torch.zeros_like(bhwc)
-    out[mask] = rows
+    out[mask] = rows.to(out.dtype)  # autocast may have run the norm in fp32
     return out if channels_last else out.permute(0, 3, 1, 2)
 
 

@@ -13,8 +13,8 @@ def require(module: str):
     return pytest.importorskip(module, reason=f"{module} not installed (run `make setup`)")
 
 
-def converted_spark_encoders(folder, target: str, depths=(18, 50)) -> dict:
-    """Export fresh SparK ResNet encoders and convert them with tools/convert_weights.py."""
+def converted_spark_encoders(folder, target: str, archs=("resnet18", "resnet50", "convnext_atto")) -> dict:
+    """Export fresh SparK encoders and convert them with tools/convert_weights.py: {arch: path}."""
     import subprocess
     import sys
     from pathlib import Path
@@ -25,9 +25,9 @@ def converted_spark_encoders(folder, target: str, depths=(18, 50)) -> dict:
     root = Path(__file__).resolve().parents[1]
     suffix = ".pkl" if target == "detectron2" else f"_{target}.pth"
     paths = {}
-    for depth in depths:
-        src = save_atomic(SparseEncoder(f"resnet{depth}").dense_state_dict(), Path(folder) / f"r{depth}.pth")
-        paths[depth] = Path(folder) / f"r{depth}{suffix}"
-        subprocess.run([sys.executable, "tools/convert_weights.py", str(src), str(paths[depth]), "--to", target],
+    for arch in archs:
+        src = save_atomic(SparseEncoder(arch).dense_state_dict(), Path(folder) / f"{arch}.pth")
+        paths[arch] = Path(folder) / f"{arch}{suffix}"
+        subprocess.run([sys.executable, "tools/convert_weights.py", str(src), str(paths[arch]), "--to", target],
                        cwd=root, check=True, env={**os.environ, "PYTHONPATH": str(root)})
     return paths

@@ -1,6 +1,9 @@
-"""Detectron2 adapter: config keys and the paper's optimizer. Imports detectron2; the core never does."""
+"""Detectron2 adapter: config keys, ConvNeXt backbones (registered on import) and the paper's
+optimizer. Imports detectron2; the core never does."""
 
 from .config import add_spark_config
-from .optim import build_layer_decay_optimizer, resnet_layer_id
+from .convnext import ConvNeXtBackbone, build_convnext_backbone, build_convnext_fpn_backbone
+from .optim import build_layer_decay_optimizer, convnext_layer_id, resnet_layer_id
 
-__all__ = ["add_spark_config", "build_layer_decay_optimizer", "resnet_layer_id"]
+__all__ = ["ConvNeXtBackbone", "add_spark_config", "build_convnext_backbone", "build_convnext_fpn_backbone",
+           "build_layer_decay_optimizer", "convnext_layer_id", "resnet_layer_id"]

@@ -7,3 +7,8 @@ def add_spark_config(cfg: CfgNode) -> None:
     cfg.SOLVER.OPTIMIZER = "SGD"  # "AdamW" for the paper's recipe
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.LAYER_DECAY = 1.0  # layer-wise lr decay; the paper uses 0.6 for ResNet-50
+    cfg.MODEL.CONVNEXT = CfgNode()
+    cfg.MODEL.CONVNEXT.NAME = "convnext_base"  # any timm ConvNeXt name
+    cfg.MODEL.CONVNEXT.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.CONVNEXT.DROP_PATH_RATE = 0.0
+    cfg.MODEL.CONVNEXT.FROZEN_STAGES = -1

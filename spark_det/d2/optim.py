@@ -1,4 +1,4 @@
-"""AdamW with layer-wise lr decay for Detectron2 ResNets, as in the SparK paper.
+"""AdamW with layer-wise lr decay for Detectron2 ResNets and ConvNeXts, as in the SparK paper.
 
 Written here because Detectron2 v0.6 (the paper's version) has no lr_factor_func hook, and the
 reference code's layer ids overflow for ResNet-152/200.
@@ -7,6 +7,7 @@ reference code's layer ids overflow for ResNet-152/200.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 from detectron2.config import CfgNode
@@ -30,18 +31,49 @@ def resnet_layer_id(name: str, res4_blocks: int) -> tuple[int, int]:
     return {2: 1, 3: 2, 4: 3 + block // 3, 5: n}[stage], n + 2
 
 
+def convnext_layer_id(name: str, stage3_blocks: int) -> tuple[int, int]:
+    """(layer id, number of ids N+2) for a parameter of a GeneralizedRCNN with a ConvNeXt backbone.
+
+    MMDetection's ``get_layer_id_for_convnext`` rule, so both frameworks train alike: stem -> 0,
+    stage 1 -> 1, stage 2 (and its downsampling) -> 2, stage 3 block b -> 3 + b // 3 (its
+    downsampling -> 3), stage 4 -> N, the rest -> N + 1, with N = 3 + ceil(stage3_blocks / 3)
+    (12 for ConvNeXt-S/B/L's 27 blocks, the paper's num_layers=12; 6 for ConvNeXt-T's 9).
+    """
+    n = 3 + (stage3_blocks + 2) // 3
+    if ".bottom_up." not in f".{name}":
+        return n + 1, n + 2
+    m = re.search(r"\.(downsample_layers|stages)\.(\d)\.(\d+)\.", name)
+    if m is None:
+        return n + 1, n + 2
+    kind, stage, index = m.group(1), int(m.group(2)), int(m.group(3))
+    if kind == "downsample_layers":
+        return {0: 0, 1: 2, 2: 3, 3: n}[stage], n + 2
+    return {0: 1, 1: 2, 2: 3 + index // 3, 3: n}[stage], n + 2
+
+
+def _layer_id_function(model: torch.nn.Module) -> Callable[[str], tuple[int, int]]:
+    """The layer-id rule for ``model``'s backbone (ConvNeXt if it has ``stages``, else ResNet)."""
+    names = [n for n, _ in model.named_parameters()]
+
+    def blocks_in(pattern: str) -> int:
+        return 1 + max((int(m.group(1)) for n in names for m in [re.search(pattern, n)] if m), default=0)
+
+    if any(".bottom_up.stages." in f".{n}" for n in names):
+        stage3 = blocks_in(r"\.bottom_up\.stages\.2\.(\d+)\.")
+        return lambda name: convnext_layer_id(name, stage3)
+    res4 = blocks_in(r"\.res4\.(\d+)\.")
+    return lambda name: resnet_layer_id(name, res4)
+
+
 def build_layer_decay_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (or SGD) whose lr for layer id i is base_lr * decay ** (N + 1 - i); no weight decay
-    on norms and biases."""
-    res4_blocks = 1 + max(
-        (int(m.group(1)) for n, _ in model.named_parameters() for m in [re.search(r"\.res4\.(\d+)\.", n)] if m),
-        default=0,
-    )
+    on norms, biases and ConvNeXt's layer scales (1-D parameters)."""
+    layer_id = _layer_id_function(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer, count = resnet_layer_id(name, res4_blocks)
+        layer, count = layer_id(name)
         no_decay = param.ndim <= 1
         key = (layer, no_decay)
         if key not in groups:

@@ -35,18 +35,23 @@ def spark_weights(tmp_path_factory):
 def test_there_are_configs_for_the_paper_recipes():
     names = {c.name for c in CONFIGS}
     assert {"mask_rcnn_R_50_FPN_1x_spark.yaml", "mask_rcnn_R_50_FPN_2x_spark.yaml",
-            "mask_rcnn_R_50_FPN_1x_supervised.yaml", "mask_rcnn_R_50_FPN_1x_scratch.yaml"} <= names
+            "mask_rcnn_R_50_FPN_1x_supervised.yaml", "mask_rcnn_R_50_FPN_1x_scratch.yaml",
+            "mask_rcnn_convnext_base_FPN_3x_spark.yaml"} <= names
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_trains_and_reports_coco_ap(config, tiny_coco, spark_weights, tmp_path):
-    depth = 18 if "R_18" in config.name else 50
-    weights = "" if "scratch" in config.name else str(spark_weights[depth])
+    shrink_arch = []
+    if "convnext" in config.name:  # same config and recipe, smallest ConvNeXt
+        arch, shrink_arch = "convnext_atto", ["MODEL.CONVNEXT.NAME", "convnext_atto"]
+    else:
+        arch = "resnet18" if "R_18" in config.name else "resnet50"
+    weights = "" if "scratch" in config.name else str(spark_weights[arch])
     cmd = [sys.executable, "tools/train_det2.py", "--config-file", str(config),
            "--register-coco", "cfg_train", str(tiny_coco["train_json"]), str(tiny_coco["train_images"]),
            "--register-coco", "cfg_val", str(tiny_coco["val_json"]), str(tiny_coco["val_images"]),
-           *SHRINK, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path)]
+           *SHRINK, *shrink_arch, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-4000:]

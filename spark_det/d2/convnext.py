@@ -1,0 +1,58 @@
+"""ConvNeXt backbones for Detectron2: ``build_convnext_backbone`` and ``build_convnext_fpn_backbone``.
+
+Registered in Detectron2's BACKBONE_REGISTRY when ``spark_det.d2`` is imported; select with
+``MODEL.BACKBONE.NAME: build_convnext_fpn_backbone`` and ``MODEL.CONVNEXT.NAME: convnext_base``.
+Written against the API shared by Detectron2 v0.6 and main (keyword ShapeSpec, Backbone,
+FPN(bottom_up, in_features, out_channels, norm, top_block, fuse_type)).
+"""
+
+from __future__ import annotations
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+from ..convnext_pyramid import ConvNeXtPyramid
+
+FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+class ConvNeXtBackbone(ConvNeXtPyramid, Backbone):
+    """timm ConvNeXt (any size) returning ``out_features`` among res2..res5 (strides 4..32)."""
+
+    def __init__(self, arch: str, out_features: tuple[str, ...] = FEATURE_NAMES, drop_path_rate: float = 0.0,
+                 frozen_stages: int = -1) -> None:
+        super().__init__(arch, drop_path_rate=drop_path_rate, frozen_stages=frozen_stages)
+        unknown = set(out_features) - set(FEATURE_NAMES)
+        if unknown:
+            raise ValueError(f"MODEL.CONVNEXT.OUT_FEATURES: unknown {sorted(unknown)}; choose from {FEATURE_NAMES}")
+        self._out_features = list(out_features)
+        self._out_feature_channels = dict(zip(FEATURE_NAMES, self.channels))
+        self._out_feature_strides = dict(zip(FEATURE_NAMES, self.strides))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = dict(zip(FEATURE_NAMES, self.forward_pyramid(x)))
+        return {name: features[name] for name in self._out_features}
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+                for name in self._out_features}
+
+
+@BACKBONE_REGISTRY.register()
+def build_convnext_backbone(cfg, input_shape: ShapeSpec) -> ConvNeXtBackbone:
+    c = cfg.MODEL.CONVNEXT
+    return ConvNeXtBackbone(c.NAME, tuple(c.OUT_FEATURES), c.DROP_PATH_RATE, c.FROZEN_STAGES)
+
+
+@BACKBONE_REGISTRY.register()
+def build_convnext_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    return FPN(
+        bottom_up=build_convnext_backbone(cfg, input_shape),
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

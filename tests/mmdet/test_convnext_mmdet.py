@@ -1,0 +1,71 @@
+"""SparK ConvNeXt encoders become MMDetection backbones that its own layer-decay constructor understands."""
+
+import pytest
+import torch
+
+from spark_det.checkpoint import save_atomic
+from spark_det.encoder import SparseEncoder
+
+from frameworks import require
+
+require("mmdet")
+import convert_weights  # noqa: E402  (tools/)
+
+
+@pytest.mark.parametrize("arch", ["convnext_atto", "convnext_tiny"])
+def test_mmdet_convnext_loads_every_tensor_and_reproduces_the_encoder(tmp_path, arch):
+    import spark_det.mmdet  # noqa: F401  (what custom_imports does: registers SparKConvNeXt)
+    from mmdet.registry import MODELS
+
+    encoder = SparseEncoder(arch)
+    with torch.no_grad():  # non-trivial values everywhere (layer scales start at 1e-6)
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    src = save_atomic(encoder.dense_state_dict(), tmp_path / "encoder.pth")
+    dst = tmp_path / "cnx_mmdet.pth"
+    assert convert_weights.main([str(src), str(dst), "--to", "mmdet"]) == 0
+
+    backbone = MODELS.build(dict(type="SparKConvNeXt", arch=arch, init_cfg=dict(type="Pretrained", checkpoint=str(dst))))
+    for p in backbone.parameters():
+        torch.nn.init.constant_(p, 0.123)
+    backbone.init_weights()
+    backbone.eval()
+    converted = torch.load(dst, weights_only=True)["state_dict"]
+    loaded = backbone.state_dict()
+    assert set(loaded) == set(converted), set(loaded) ^ set(converted)  # every tensor comes from the file
+    for name, value in loaded.items():
+        assert torch.equal(value, converted[name]), name
+
+    x = torch.randn(2, 3, 96, 128)
+    encoder.eval()
+    with torch.no_grad():
+        for got, feat in zip(backbone(x), encoder(x)):
+            assert got.shape == feat.shape
+            assert (got - feat).abs().max() <= 1e-5 * feat.abs().max(), (got - feat).abs().max()
+
+
+def test_mmdetections_layer_decay_constructor_assigns_convnext_layer_ids():
+    import spark_det.mmdet  # noqa: F401
+    from mmdet.engine.optimizers import LearningRateDecayOptimizerConstructor
+    from mmdet.registry import MODELS
+
+    class Detector(torch.nn.Module):  # the constructor reads model.backbone and names "backbone.*"
+        def __init__(self):
+            super().__init__()
+            self.backbone = MODELS.build(dict(type="SparKConvNeXt", arch="convnext_atto"))
+            self.neck = torch.nn.Conv2d(320, 8, 1)
+
+    model = Detector()
+    constructor = LearningRateDecayOptimizerConstructor(
+        dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1.0, weight_decay=0.05)),
+        dict(decay_rate=0.5, decay_type="layer_wise", num_layers=6),
+    )
+    optimizer = constructor(model).optimizer
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    # ids: stem 0, stage 1 -> 1, stage 2 -> 2, stage 3 block b -> 3 + b // 3, stage 4 -> 6, rest 7 (of 8)
+    assert lr_of[id(params["backbone.downsample_layers.0.0.weight"])] == pytest.approx(0.5**7)
+    assert lr_of[id(params["backbone.stages.0.1.conv_dw.weight"])] == pytest.approx(0.5**6)
+    assert lr_of[id(params["backbone.stages.2.4.mlp.fc1.weight"])] == pytest.approx(0.5**3)
+    assert lr_of[id(params["backbone.stages.3.1.mlp.fc2.weight"])] == pytest.approx(0.5**1)
+    assert lr_of[id(params["neck.weight"])] == pytest.approx(1.0)
