@@ -14,8 +14,9 @@ import convert_weights  # noqa: E402  (tools/)
 
 @pytest.mark.parametrize("arch", ["convnext_atto", "convnext_tiny"])
 def test_mmdet_convnext_loads_every_tensor_and_reproduces_the_encoder(tmp_path, arch):
-    import spark_det.mmdet  # noqa: F401  (what custom_imports does: registers SparKConvNeXt)
     from mmdet.registry import MODELS
+
+    import spark_det.mmdet  # noqa: F401  (what custom_imports does: registers SparKConvNeXt)
 
     encoder = SparseEncoder(arch)
     with torch.no_grad():  # non-trivial values everywhere (layer scales start at 1e-6)
@@ -45,9 +46,10 @@ def test_mmdet_convnext_loads_every_tensor_and_reproduces_the_encoder(tmp_path, 
 
 
 def test_mmdetections_layer_decay_constructor_assigns_convnext_layer_ids():
-    import spark_det.mmdet  # noqa: F401
     from mmdet.engine.optimizers import LearningRateDecayOptimizerConstructor
     from mmdet.registry import MODELS
+
+    import spark_det.mmdet  # noqa: F401
 
     class Detector(torch.nn.Module):  # the constructor reads model.backbone and names "backbone.*"
         def __init__(self):
