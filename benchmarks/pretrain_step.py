@@ -8,7 +8,7 @@ are timed alternately (so drifting clocks or thermal state hit both alike):
 * ``encoder``: the sparse encoder's forward + backward (a fixed random gradient on its 4 outputs);
 * ``step``: a whole pretraining step, forward, backward and the LAMB optimizer step.
 It prints images/s, the fast/reference ratio, peak memory (CUDA: max allocated; CPU: peak resident
-set growth, reset between measurements through /proc/self/clear_refs) and the relative loss
+set growth after malloc_trim, reset through /proc/self/clear_refs) and the relative loss
 difference of the first step, and can write everything as JSON.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import json
 import platform
@@ -61,7 +62,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+            # Hand freed heap back to the OS first, or a measurement run after another reuses its
+            # pages and shows no growth (glibc); then reset VmHWM to the current RSS (Linux).
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
             self.base = _status_kib("VmRSS") * 1024
 
     def peak_mib(self) -> float:
