@@ -87,7 +87,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_pair(name: str, args, device: torch.device) -> dict[str, torch.nn.Module]:
+def build_pair(name: str, device: torch.device) -> dict[str, torch.nn.Module]:
     """Reference and fast SparK models with identical weights."""
     dp = SUPPORTED_MODELS.get(name, {}).get("drop_path_rate", 0.0)
     models = {impl: create_spark(name, sparse_impl=impl, drop_path_rate=dp).to(device) for impl in IMPLS}
@@ -142,7 +142,7 @@ def autocast(device: torch.device, precision: str):
 
 def run_model(name: str, args, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
-    models = build_pair(name, args, device)
+    models = build_pair(name, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g).to(device)
     visible = models["reference"].random_mask(images, g).to(device)

@@ -1,17 +1,19 @@
 """Converted SparK ResNets load into Detectron2's ResNet and reproduce the encoder's features."""
 
-import pickle
-
 import pytest
 import torch
 
-from spark_det.checkpoint import save_atomic
 from spark_det.encoder import SparseEncoder
 
-from frameworks import require
+from frameworks import (
+    assert_every_tensor_from_file,
+    assert_same_features,
+    convert_encoder,
+    load_into_detectron2,
+    require,
+)
 
 require("detectron2")
-import convert_weights  # noqa: E402  (tools/)
 
 
 def _randomised_stats(model):
@@ -26,15 +28,13 @@ def _randomised_stats(model):
 
 @pytest.mark.parametrize("depth", [18, 50])
 def test_detectron2_resnet_reproduces_the_spark_encoder_features(tmp_path, depth):
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import build_resnet_backbone
 
     encoder = SparseEncoder(f"resnet{depth}")
     _randomised_stats(encoder)
-    src = save_atomic(encoder.dense_state_dict(), tmp_path / "encoder.pth")
-    assert convert_weights.main([str(src), str(tmp_path / "r.pkl"), "--to", "detectron2"]) == 0
+    converted_file = convert_encoder(encoder, tmp_path, "detectron2")
 
     cfg = get_cfg()
     cfg.MODEL.RESNETS.DEPTH = depth
@@ -47,25 +47,12 @@ def test_detectron2_resnet_reproduces_the_spark_encoder_features(tmp_path, depth
     for p in backbone.parameters():  # make "left at init" detectable
         torch.nn.init.constant_(p, 0.123)
 
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = torch.nn.Module()
-            self.backbone.bottom_up = backbone
-
-    DetectionCheckpointer(Holder()).load(str(tmp_path / "r.pkl"))
-    with open(tmp_path / "r.pkl", "rb") as f:
-        converted = pickle.load(f)["model"]
-    loaded = backbone.state_dict()
-    assert set(loaded) == set(converted), set(loaded) ^ set(converted)  # every tensor comes from the file
-    for name, value in loaded.items():
-        assert torch.equal(value, torch.as_tensor(converted[name])), name
+    converted = load_into_detectron2(backbone, converted_file)
+    assert_every_tensor_from_file(backbone.state_dict(), converted)
 
     x = torch.randn(2, 3, 96, 128)
     encoder.eval()
     with torch.no_grad():
         expected = encoder(x)
         got = backbone(x)
-    for feat, key in zip(expected, ["res2", "res3", "res4", "res5"]):
-        # fp32 accumulation order differs between implementations: tolerance relative to the scale
-        assert (got[key] - feat).abs().max() <= 1e-5 * feat.abs().max(), (got[key] - feat).abs().max()
+    assert_same_features([got[k] for k in ["res2", "res3", "res4", "res5"]], expected)

@@ -1,18 +1,20 @@
 """SparK ConvNeXt encoders become Detectron2 backbones (registered by importing spark_det.d2)."""
 
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from spark_det.checkpoint import save_atomic
-from spark_det.encoder import SparseEncoder
-
-from frameworks import require
+from frameworks import (
+    assert_every_tensor_from_file,
+    assert_same_features,
+    convert_encoder,
+    load_into_detectron2,
+    perturbed_encoder,
+    require,
+)
 
 require("detectron2")
-import convert_weights  # noqa: E402  (tools/)
 
 
 def _cfg(arch):
@@ -30,17 +32,11 @@ def _cfg(arch):
 
 @pytest.mark.parametrize("arch", ["convnext_atto", "convnext_tiny"])
 def test_detectron2_convnext_loads_every_tensor_and_reproduces_the_encoder(tmp_path, arch):
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import BACKBONE_REGISTRY
 
-    encoder = SparseEncoder(arch)
-    with torch.no_grad():  # non-trivial values everywhere (layer scales start at 1e-6)
-        for p in encoder.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    src = save_atomic(encoder.dense_state_dict(), tmp_path / "encoder.pth")
-    dst = tmp_path / "cnx.pkl"
-    assert convert_weights.main([str(src), str(dst), "--to", "detectron2"]) == 0
+    encoder = perturbed_encoder(arch)
+    converted_file = convert_encoder(encoder, tmp_path, "detectron2")
 
     cfg = _cfg(arch)  # imports spark_det.d2, which registers the backbones
     fpn = BACKBONE_REGISTRY.get("build_convnext_fpn_backbone")(cfg, ShapeSpec(channels=3))
@@ -48,26 +44,14 @@ def test_detectron2_convnext_loads_every_tensor_and_reproduces_the_encoder(tmp_p
     for p in backbone.parameters():  # make "left at init" detectable
         torch.nn.init.constant_(p, 0.123)
 
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = fpn
-
-    DetectionCheckpointer(Holder()).load(str(dst))
-    with open(dst, "rb") as f:
-        converted = pickle.load(f)["model"]
-    loaded = backbone.state_dict()
-    assert set(loaded) == set(converted), set(loaded) ^ set(converted)  # every tensor comes from the file
-    for name, value in loaded.items():
-        assert torch.equal(value, torch.as_tensor(converted[name])), name
+    converted = load_into_detectron2(backbone, converted_file)
+    assert_every_tensor_from_file(backbone.state_dict(), converted)
 
     x = torch.randn(2, 3, 96, 128)
     encoder.eval()
     with torch.no_grad():
         got = backbone(x)
-        for name, feat in zip(["res2", "res3", "res4", "res5"], encoder(x)):
-            assert got[name].shape == feat.shape
-            assert (got[name] - feat).abs().max() <= 1e-5 * feat.abs().max(), name
+        assert_same_features([got[n] for n in ["res2", "res3", "res4", "res5"]], encoder(x))
     shapes = backbone.output_shape()
     assert [shapes[n].stride for n in ["res2", "res3", "res4", "res5"]] == [4, 8, 16, 32]
     assert [shapes[n].channels for n in ["res2", "res3", "res4", "res5"]] == encoder.channels

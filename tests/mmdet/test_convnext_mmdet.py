@@ -3,13 +3,15 @@
 import pytest
 import torch
 
-from spark_det.checkpoint import save_atomic
-from spark_det.encoder import SparseEncoder
-
-from frameworks import require
+from frameworks import (
+    assert_every_tensor_from_file,
+    assert_same_features,
+    convert_encoder,
+    perturbed_encoder,
+    require,
+)
 
 require("mmdet")
-import convert_weights  # noqa: E402  (tools/)
 
 
 @pytest.mark.parametrize("arch", ["convnext_atto", "convnext_tiny"])
@@ -18,31 +20,20 @@ def test_mmdet_convnext_loads_every_tensor_and_reproduces_the_encoder(tmp_path, 
 
     import spark_det.mmdet  # noqa: F401  (what custom_imports does: registers SparKConvNeXt)
 
-    encoder = SparseEncoder(arch)
-    with torch.no_grad():  # non-trivial values everywhere (layer scales start at 1e-6)
-        for p in encoder.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    src = save_atomic(encoder.dense_state_dict(), tmp_path / "encoder.pth")
-    dst = tmp_path / "cnx_mmdet.pth"
-    assert convert_weights.main([str(src), str(dst), "--to", "mmdet"]) == 0
+    encoder = perturbed_encoder(arch)
+    dst = convert_encoder(encoder, tmp_path, "mmdet")
 
     backbone = MODELS.build(dict(type="SparKConvNeXt", arch=arch, init_cfg=dict(type="Pretrained", checkpoint=str(dst))))
     for p in backbone.parameters():
         torch.nn.init.constant_(p, 0.123)
     backbone.init_weights()
     backbone.eval()
-    converted = torch.load(dst, weights_only=True)["state_dict"]
-    loaded = backbone.state_dict()
-    assert set(loaded) == set(converted), set(loaded) ^ set(converted)  # every tensor comes from the file
-    for name, value in loaded.items():
-        assert torch.equal(value, converted[name]), name
+    assert_every_tensor_from_file(backbone.state_dict(), torch.load(dst, weights_only=True)["state_dict"])
 
     x = torch.randn(2, 3, 96, 128)
     encoder.eval()
     with torch.no_grad():
-        for got, feat in zip(backbone(x), encoder(x)):
-            assert got.shape == feat.shape
-            assert (got - feat).abs().max() <= 1e-5 * feat.abs().max(), (got - feat).abs().max()
+        assert_same_features(backbone(x), encoder(x))
 
 
 def test_mmdetections_layer_decay_constructor_assigns_convnext_layer_ids():
