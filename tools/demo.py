@@ -1,8 +1,8 @@
 """The whole idea on one CPU: SparK pretraining -> weight conversion -> Mask R-CNN transfer.
 
     python tools/demo.py --out outputs/demo          # what `make demo` runs (~15 min on 2 cores)
-    python tools/demo.py --out outputs/long --num-unlabeled 4000 --pretrain-epochs 20 \
-        --finetune-iters 600 --seeds 0 1 2           # a longer, more trustworthy comparison
+    python tools/demo.py --out outputs/long --num-unlabeled 4000 --pretrain-epochs 2 \
+        --finetune-iters 200 --seeds 0 1 2           # the longer benchmark in the README (~75 min)
 
 Stages (each runs the project's own command-line tool, printed before it runs):
 1. generate the synthetic COCO-format data set and a pool of unlabeled images;
