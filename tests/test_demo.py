@@ -32,11 +32,29 @@ def test_shrunk_demo_produces_the_table_and_the_plots(tmp_path):
     for row in report["results"]:
         for key in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"):
             assert 0.0 <= row[key] <= 100.0 and not math.isnan(row[key])
-    table = (out / "results.md").read_text()
-    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "framework" not in line]
-    assert len(rows) == 4 and "box AP" in table
-    for cells in rows:  # framework, init, seeds, then four numbers
+    assert set(report["paired_differences"]) == {"detectron2", "mmdet"}
+    means, differences = _markdown_tables((out / "results.md").read_text())
+    assert len(means) == 4
+    for cells in means:  # framework, init, seeds, then four numbers
         assert all(float(c) >= 0 for c in cells[3:])
+    assert [cells[0] for cells in differences] == ["detectron2", "mmdet"]
+    for cells in differences:  # framework, seeds, then "SparK - scratch (seeds ahead/seeds)" per metric
+        assert all(c.endswith("/1)") and math.isfinite(float(c.split()[0])) for c in cells[2:])
     for name in ("ap.png", "pretrain_loss.png", "reconstruction.png"):
         with Image.open(out / name) as img:
             assert img.size[0] > 100 and img.size[1] > 100
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """Body rows (cells stripped) of each markdown table in `text`, in order."""
+    tables, rows = [], None
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if rows is None:
+                rows = []  # header row
+            elif not line.startswith("|---"):
+                rows.append([c.strip() for c in line.split("|")[1:-1]])
+        elif rows is not None:
+            tables.append(rows)
+            rows = None
+    return tables

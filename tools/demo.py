@@ -2,7 +2,7 @@
 
     python tools/demo.py --out outputs/demo          # what `make demo` runs (~15 min on 2 cores)
     python tools/demo.py --out outputs/long --num-unlabeled 4000 --pretrain-epochs 2 \
-        --finetune-iters 200 --seeds 0 1 2           # the longer benchmark in the README (~75 min)
+        --finetune-iters 200 --seeds 0 1 2           # the longer benchmark in the README (~90 min)
 
 Stages (each runs the project's own command-line tool, printed before it runs):
 1. generate the synthetic COCO-format data set and a pool of unlabeled images;
@@ -81,25 +81,60 @@ def mmdet_results(work_dir: Path) -> dict[str, float]:
             "mask_AP": 100 * final["coco/segm_mAP"], "mask_AP50": 100 * final["coco/segm_mAP_50"]}
 
 
+METRICS = ("box_AP", "box_AP50", "mask_AP", "mask_AP50")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    import numpy as np
+
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
+def paired_differences(results: list[dict]) -> dict[str, dict]:
+    """SparK minus scratch per framework, paired by seed: the two runs of a seed see the same images in
+    the same order, so their difference is less noisy than the difference of two means."""
+    out = {}
+    for fw in sorted({r["framework"] for r in results}):
+        by_seed = {(r["init"], r["seed"]): r for r in results if r["framework"] == fw}
+        seeds = sorted(s for init, s in by_seed if init == "spark" and ("scratch", s) in by_seed)
+        if not seeds:
+            continue
+        out[fw] = {"seeds": seeds}
+        for m in METRICS:
+            diffs = [by_seed["spark", s][m] - by_seed["scratch", s][m] for s in seeds]
+            mu, sd = mean_std(diffs)
+            out[fw][m] = {"mean": mu, "std": sd, "spark_ahead": sum(d > 0 for d in diffs)}
+    return out
+
+
 def write_report(out: Path, results: list[dict], times: dict[str, float], args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    (out / "results.json").write_text(json.dumps({"results": results, "stage_seconds": times,
-                                                  "settings": vars(args)}, indent=2, default=str))
+    differences = paired_differences(results)
+    (out / "results.json").write_text(json.dumps({"results": results, "paired_differences": differences,
+                                                  "stage_seconds": times, "settings": vars(args)},
+                                                 indent=2, default=str))
     keys = sorted({(r["framework"], r["init"]) for r in results})
     lines = ["| framework | init | seeds | box AP | box AP50 | mask AP | mask AP50 |", "|---|---|---|---|---|---|---|"]
     summary = {}
     for fw, init in keys:
         runs = [r for r in results if r["framework"] == fw and r["init"] == init]
-        stat = {m: (float(np.mean([r[m] for r in runs])), float(np.std([r[m] for r in runs])))
-                for m in ("box_AP", "box_AP50", "mask_AP", "mask_AP50")}
+        stat = {m: mean_std([r[m] for r in runs]) for m in METRICS}
         summary[(fw, init)] = stat
         cells = [f"{mu:.2f}" + (f" ± {sd:.2f}" if len(runs) > 1 else "") for mu, sd in stat.values()]
         lines.append(f"| {fw} | {init} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sample std over seeds. SparK minus scratch, paired by seed "
+              "(mean ± std, seeds where SparK is ahead):", "",
+              "| framework | seeds | box AP | box AP50 | mask AP | mask AP50 |", "|---|---|---|---|---|---|"]
+    for fw, diff in differences.items():
+        n = len(diff["seeds"])
+        cells = [f"{d['mean']:+.2f}" + (f" ± {d['std']:.2f}" if n > 1 else "") + f" ({d['spark_ahead']}/{n})"
+                 for d in (diff[m] for m in METRICS)]
+        lines.append(f"| {fw} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
@@ -111,7 +146,7 @@ def write_report(out: Path, results: list[dict], times: dict[str, float], args) 
         errors = [summary[k][metric][1] for k in keys]
         colors = ["tab:orange" if init == "spark" else "tab:gray" for _, init in keys]
         ax.bar(labels, values, yerr=errors, color=colors)
-        ax.set_title(metric.replace("_", " "))
+        ax.set_title(metric.replace("_", " ") + (" (mean ± std over seeds)" if len(results) > len(keys) else ""))
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(out / "ap.png", dpi=100)
