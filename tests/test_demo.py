@@ -45,6 +45,24 @@ def test_shrunk_demo_produces_the_table_and_the_plots(tmp_path):
             assert img.size[0] > 100 and img.size[1] > 100
 
 
+def test_spark_is_compared_with_scratch_seed_by_seed():
+    from demo import paired_differences
+
+    def run(fw, init, seed, ap):
+        return {"framework": fw, "init": init, "seed": seed, "box_AP": ap, "box_AP50": ap, "mask_AP": ap,
+                "mask_AP50": ap}
+
+    results = [run("mmdet", "spark", 0, 5.0), run("mmdet", "scratch", 0, 3.0),
+               run("mmdet", "spark", 1, 2.0), run("mmdet", "scratch", 1, 3.0),
+               run("mmdet", "scratch", 2, 9.0),  # no SparK run with seed 2: left out of the pairs
+               run("detectron2", "spark", 0, 1.0)]  # no pair at all: no entry
+    differences = paired_differences(results)
+    assert set(differences) == {"mmdet"}
+    box = differences["mmdet"]["box_AP"]
+    assert differences["mmdet"]["seeds"] == [0, 1] and box["spark_ahead"] == 1
+    assert box["mean"] == pytest.approx(0.5) and box["std"] == pytest.approx(math.sqrt(4.5))  # diffs +2, -1
+
+
 def _markdown_tables(text: str) -> list[list[list[str]]]:
     """Body rows (cells stripped) of each markdown table in `text`, in order."""
     tables, rows = [], None
