@@ -15,7 +15,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) tools/demo.py --out outputs/demo
+	$(VENV)/bin/spark-det demo --output outputs/demo
 
 lint: setup
 	$(PY) -m ruff check spark_det tools tests benchmarks

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spark_det.models import SUPPORTED_MODELS, create_spark  # noqa: E402
-from spark_det.optim import build_optimizer  # noqa: E402
+from spark_det.model.registry import SUPPORTED_MODELS, create_spark  # noqa: E402
+from spark_det.train.optim import build_optimizer  # noqa: E402
 
 IMPLS = ("reference", "fast")
 

@@ -4,12 +4,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
 def pytest_report_header(config):
-    from collect_env import collect_env, format_env
+    from spark_det.env import collect_env, format_env
 
     return ["spark-det environment:", *format_env(collect_env()).splitlines()]
 
@@ -25,6 +24,6 @@ def _deterministic_torch():
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory):
     """4 train / 2 val synthetic 128 px images in COCO format, shared by the framework tests."""
-    from spark_det.synthetic import make_dataset
+    from spark_det.demo.synthetic import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("tiny_coco"), 4, 2, 0, (128, 128), seed=0)

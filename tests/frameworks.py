@@ -19,8 +19,8 @@ def converted_spark_encoders(folder, target: str, archs=("resnet18", "resnet50",
     import sys
     from pathlib import Path
 
-    from spark_det.checkpoint import save_atomic
-    from spark_det.encoder import SparseEncoder
+    from spark_det.io import save_atomic
+    from spark_det.model.encoder import SparseEncoder
 
     root = Path(__file__).resolve().parents[1]
     suffix = ".pkl" if target == "detectron2" else f"_{target}.pth"
@@ -37,9 +37,8 @@ def convert_encoder(encoder, folder, target: str):
     """Export ``encoder``'s weights and convert them in-process with tools/convert_weights.py."""
     from pathlib import Path
 
-    from spark_det.checkpoint import save_atomic
-
-    import convert_weights
+    from spark_det.cli import convert as convert_weights
+    from spark_det.io import save_atomic
 
     src = save_atomic(encoder.dense_state_dict(), Path(folder) / "encoder.pth")
     dst = Path(folder) / ("converted.pkl" if target == "detectron2" else f"converted_{target}.pth")
@@ -90,7 +89,7 @@ def perturbed_encoder(arch: str):
     1e-6, which would let a wrongly loaded block pass a feature comparison)."""
     import torch
 
-    from spark_det.encoder import SparseEncoder
+    from spark_det.model.encoder import SparseEncoder
 
     encoder = SparseEncoder(arch)
     with torch.no_grad():

@@ -46,7 +46,7 @@ def test_shrunk_demo_produces_the_table_and_the_plots(tmp_path):
 
 
 def test_spark_is_compared_with_scratch_seed_by_seed():
-    from demo import paired_differences
+    from spark_det.demo.report import paired_differences
 
     def run(fw, init, seed, ap):
         return {"framework": fw, "init": init, "seed": seed, "box_AP": ap, "box_AP50": ap, "mask_AP": ap,

@@ -7,7 +7,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from spark_det.synthetic import CLASSES, make_dataset
+from spark_det.demo.synthetic import CLASSES, make_dataset
 
 
 def _digest(root):

@@ -1,83 +1,8 @@
-"""Print the software stack spark-det runs on; paste its output into bug reports.
+"""`python tools/collect_env.py ...` is `spark-det collect-env ...`: see spark_det/cli/collect_env.py."""
 
-    python tools/collect_env.py
-"""
-
-from __future__ import annotations
-
-import importlib
-import importlib.metadata
-import platform
 import sys
 
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _torch() -> list[tuple[str, str]]:
-    try:
-        import torch
-    except ImportError as exc:
-        return [("torch", f"not importable ({exc})")]
-    import torchvision
-
-    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
-    devices = f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() \
-        else "no GPU available"
-    return [("torch", f"{torch.__version__} ({cuda}; {devices})"), ("torchvision", torchvision.__version__)]
-
-
-def _mmcv() -> str:
-    try:
-        import mmcv
-    except ImportError as exc:
-        return f"not importable ({exc})"
-    try:
-        importlib.import_module("mmcv._ext")
-        ops = "compiled ops available"
-    except ImportError as exc:
-        ops = f"NO compiled ops ({exc})"
-    return f"{mmcv.__version__} ({ops})"
-
-
-def _detectron2() -> str:
-    try:
-        import detectron2
-    except ImportError as exc:
-        return f"not importable ({exc})"
-    try:
-        compiled = importlib.import_module("detectron2._C")
-    except ImportError:
-        return f"{detectron2.__version__} (no _C; Detectron2 main works without it)"
-    if getattr(compiled, "SPARK_DET_FALLBACK", False):
-        return f"{detectron2.__version__} (spark-det CPU test FALLBACK: v0.6 Python package, no compiled ops)"
-    return f"{detectron2.__version__} (official build with compiled ops)"
-
-
-def collect_env() -> list[tuple[str, str]]:
-    rows = [("Python", f"{platform.python_version()} ({sys.executable})"), ("platform", platform.platform())]
-    rows += _torch()
-    rows += [
-        ("timm", _version("timm")),
-        ("numpy", _version("numpy")),
-        ("pycocotools", _version("pycocotools")),
-        ("mmengine", _version("mmengine")),
-        ("mmcv", _mmcv()),
-        ("mmdet", _version("mmdet")),
-        ("detectron2", _detectron2()),
-        ("spark-det", _version("spark-det")),
-    ]
-    return rows
-
-
-def format_env(rows: list[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
+from spark_det.cli.collect_env import main
 
 if __name__ == "__main__":
-    print(format_env(collect_env()))
+    sys.exit(main())

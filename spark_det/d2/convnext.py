@@ -13,7 +13,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from ..convnext_pyramid import ConvNeXtPyramid
+from ..transfer.convnext_pyramid import ConvNeXtPyramid
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 

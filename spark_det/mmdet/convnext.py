@@ -13,7 +13,7 @@ import torch
 from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 
-from ..convnext_pyramid import ConvNeXtPyramid
+from ..transfer.convnext_pyramid import ConvNeXtPyramid
 
 
 @MODELS.register_module()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spark_det.encoder import SparseEncoder
+from spark_det.model.encoder import SparseEncoder
 
 from frameworks import (
     assert_every_tensor_from_file,

@@ -2,7 +2,7 @@
 
 import torch
 
-from spark_det.synthetic import make_dataset
+from spark_det.demo.synthetic import make_dataset
 
 from frameworks import require
 
@@ -64,7 +64,8 @@ def test_mask_rcnn_r50_fpn_trains_a_step_and_evaluates_with_pycocotools(tmp_path
     loss_values = {k: v[0] for k, v in losses.items() if k.startswith("loss")}
     assert all(0 <= v < 1e4 for v in loss_values.values()), loss_values  # finite
 
-    evaluator = COCOEvaluator("smoke_val", tasks=("bbox", "segm"), output_dir=str(tmp_path / "eval"), use_fast_impl=False)
+    evaluator = COCOEvaluator("smoke_val", tasks=("bbox", "segm"), output_dir=str(tmp_path / "eval"),
+                              use_fast_impl=False)
     results = inference_on_dataset(model, build_detection_test_loader(cfg, "smoke_val"), evaluator)
     assert set(results) == {"bbox", "segm"}
     for task in ("bbox", "segm"):

@@ -23,7 +23,8 @@ def test_mmdet_convnext_loads_every_tensor_and_reproduces_the_encoder(tmp_path, 
     encoder = perturbed_encoder(arch)
     dst = convert_encoder(encoder, tmp_path, "mmdet")
 
-    backbone = MODELS.build(dict(type="SparKConvNeXt", arch=arch, init_cfg=dict(type="Pretrained", checkpoint=str(dst))))
+    init_cfg = dict(type="Pretrained", checkpoint=str(dst))
+    backbone = MODELS.build(dict(type="SparKConvNeXt", arch=arch, init_cfg=init_cfg))
     for p in backbone.parameters():
         torch.nn.init.constant_(p, 0.123)
     backbone.init_weights()

@@ -1,7 +1,7 @@
 """Smoke test of the MMDetection stack: Mask R-CNN R50-FPN trains and evaluates on CPU."""
 
 
-from spark_det.synthetic import CLASSES, make_dataset
+from spark_det.demo.synthetic import CLASSES, make_dataset
 
 from frameworks import require
 
@@ -16,7 +16,8 @@ def test_mmcv_has_its_compiled_ops():
     _, keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)
     assert keep.tolist() == [0, 2]
     feats = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
-    pooled = RoIAlign((2, 2), spatial_scale=1.0, sampling_ratio=1, aligned=True)(feats, torch.tensor([[0, 0, 0, 4, 4.]]))
+    roi_align = RoIAlign((2, 2), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    pooled = roi_align(feats, torch.tensor([[0, 0, 0, 4, 4.]]))
     assert pooled.shape == (1, 1, 2, 2)
 
 

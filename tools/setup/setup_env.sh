@@ -25,7 +25,7 @@ MMCV_VERSION=2.1.0
 MMCV_SDIST_URL="https://files.pythonhosted.org/packages/a7/19/f97f0fd4d432113a232e75f965335be6b7bb6557ae9faf8051e9a012cadd/mmcv-2.1.0.tar.gz"
 MMCV_SDIST_SHA256="d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5cd3f"
 
-# Pins that keep mmcv 2.1 / mmdet 3.3 / detectron2 0.6 importable together (see shared notes):
+# Pins that keep mmcv 2.1 / mmdet 3.3 / detectron2 0.6 importable together:
 # numpy<2 for mmcv's compiled ops; opencv 4.12+ requires numpy>=2; setuptools 80.9 still has
 # pkg_resources (mmcv's setup.py, mmengine) and satisfies torch's >=77.0.3.
 BASE_PINS=(
@@ -131,7 +131,7 @@ phase_start "Detectron2"
 phase_end
 
 phase_start "spark-det (editable)"
-"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[dev]"
+"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[dev,demo,d2,mmdet]"
 phase_end
 
 "$VENV/bin/python" "$ROOT/tools/collect_env.py"

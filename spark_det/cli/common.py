@@ -1,0 +1,60 @@
+"""What every spark-det command shares: parser conventions, the ``--output`` flag, exit codes.
+
+Conventions: ``--output`` names what a command writes (a file or a run folder); every argument
+has help text and ``choices`` where there are choices; a user error ends in one ``error:``
+line on stderr and the exit code of :mod:`spark_det.errors`, never in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from ..errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, SparkDetError
+
+EXIT_CODES_HELP = ("exit codes: 0 ok, 1 bad input file, 2 bad arguments/config/data, "
+                   "3 training diverged, 4 file-system error (e.g. cannot write output), 130 interrupted")
+
+
+def make_parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
+    """A parser whose help shows the command's docstring (usage examples) and the exit codes."""
+    return argparse.ArgumentParser(prog=prog, description=doc, epilog=EXIT_CODES_HELP,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_output(parser: argparse.ArgumentParser, help: str, positional: Optional[str] = None,
+               default: Optional[str] = None) -> None:
+    """``--output`` (``-o``); with ``positional`` the output may also be given as that positional
+    argument (the form earlier versions documented), e.g. ``convert SRC DST``."""
+    parser.add_argument("-o", "--output", default=None, help=help + (f" (default: {default})" if default else ""))
+    if positional:
+        parser.add_argument(positional, nargs="?", default=None, help="same as --output")
+    parser.set_defaults(_output_positional=positional, _output_default=default)
+
+
+def resolve_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The output from ``--output`` or the positional form; exactly one of them, or the default."""
+    positional = getattr(args, args._output_positional) if args._output_positional else None
+    if positional and args.output and positional != args.output:
+        parser.error(f"give the output once: {args._output_positional.upper()} or --output, not both")
+    output = args.output or positional or args._output_default
+    if not output:
+        parser.error("the output is required: --output PATH")
+    return output
+
+
+def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command's ``main`` and turn user errors into one line and an exit code."""
+    try:
+        return main(argv)
+    except SparkDetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # a full disk, a read-only folder, a vanished mount: the user's to fix
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE

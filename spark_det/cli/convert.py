@@ -1,0 +1,50 @@
+"""Convert SparK weights for detection frameworks.
+
+    spark-det convert out/r50/encoder-resnet50.pth --to detectron2 --output r50.pkl
+    spark-det convert resnet50_1kpretrained_timm_style.pth r50_mmdet.pth --to mmdet
+    spark-det convert convnextS_1kpretrained_timm_style.pth cnxs_timm.pth --to timm
+
+The source layout (spark-det full or encoder checkpoint, the paper's released files, plain
+timm state dicts) and the architecture are detected from the keys. The output is written only
+if it covers every tensor of the target backbone; otherwise the tool exits with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from ..errors import EXIT_OK
+from .common import add_output, make_parser, resolve_output, run_tool
+
+
+def build_parser():
+    from ..transfer.convert import TARGETS
+
+    p = make_parser("spark-det convert", __doc__)
+    p.add_argument("src", help="the weights to convert (any layout listed above)")
+    add_output(p, "the converted file", positional="dst")
+    p.add_argument("--to", required=True, choices=TARGETS, help="the target framework or layout")
+    p.add_argument("--arch", default=None, help="expected timm name (e.g. resnet50); refuse anything else")
+    return p
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    from ..io import load_file
+    from ..transfer.convert import convert, write_converted
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    dst = resolve_output(parser, args)
+    arch, converted, count = convert(load_file(args.src), args.to, args.arch)
+    write_converted(converted, args.to, dst)
+    print(f"{arch}: {count} tensors -> {args.to} ({dst})")
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_tool(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The whole idea on one CPU: SparK pretraining -> weight conversion -> Mask R-CNN transfer.
+
+    spark-det demo --output outputs/demo          # what `make demo` runs (~15 min on 2 cores)
+    spark-det demo --output outputs/long --num-unlabeled 4000 --pretrain-epochs 2 \\
+        --finetune-iters 200 --seeds 0 1 2         # the longer benchmark in the README (~90 min)
+
+Writes results.md / results.json (box AP, mask AP, AP50 per framework and initialisation),
+ap.png, pretrain_loss.png and reconstruction.png to --output. Needs Detectron2 and MMDetection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..errors import EXIT_OK
+from .common import add_output, make_parser, resolve_output, run_tool
+
+
+def build_parser():
+    from ..demo.pipeline import FRAMEWORKS, DemoSettings
+
+    d = DemoSettings()
+    p = make_parser("spark-det demo", __doc__)
+    add_output(p, "folder for data, runs and the report", default=d.output)
+    p.add_argument("--out", dest="output", help=argparse.SUPPRESS)  # the name earlier versions documented
+    p.add_argument("--image-size", type=int, default=d.image_size, help="side of the square images (pixels)")
+    p.add_argument("--num-unlabeled", type=int, default=d.num_unlabeled, help="unlabeled images for pretraining")
+    p.add_argument("--num-train", type=int, default=d.num_train, help="labeled images for fine-tuning")
+    p.add_argument("--num-val", type=int, default=d.num_val, help="labeled images for COCO evaluation")
+    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs, help="SparK pretraining epochs")
+    p.add_argument("--pretrain-batch", type=int, default=d.pretrain_batch, help="SparK pretraining batch size")
+    p.add_argument("--finetune-iters", type=int, default=d.finetune_iters, help="Mask R-CNN iterations per run")
+    p.add_argument("--finetune-batch", type=int, default=d.finetune_batch, help="Mask R-CNN batch size")
+    p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="one SparK and one scratch run per seed")
+    p.add_argument("--frameworks", nargs="+", default=d.frameworks, choices=FRAMEWORKS,
+                   help="detection frameworks to fine-tune in")
+    return p
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    from ..demo.pipeline import DemoSettings, run_demo
+
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    args["output"] = resolve_output(parser, argparse.Namespace(**args))
+    run_demo(DemoSettings(**{k: v for k, v in args.items() if not k.startswith("_")}))
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_tool(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

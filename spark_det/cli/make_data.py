@@ -1,0 +1,46 @@
+"""Write the synthetic COCO-format instance-segmentation data set (and unlabeled images).
+
+    spark-det make-data --output outputs/shapes --num-train 200 --num-val 50 --num-unlabeled 1000
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from ..errors import EXIT_OK
+from .common import add_output, make_parser, resolve_output, run_tool
+
+
+def build_parser():
+    p = make_parser("spark-det make-data", __doc__)
+    add_output(p, "folder to write the data set into", positional="root")
+    p.add_argument("--num-train", type=int, default=200, help="labeled training images")
+    p.add_argument("--num-val", type=int, default=50, help="labeled validation images")
+    p.add_argument("--num-unlabeled", type=int, default=0, help="unlabeled images (for pretraining)")
+    p.add_argument("--image-size", type=int, nargs=2, default=[128, 128], metavar=("HEIGHT", "WIDTH"),
+                   help="image height and width in pixels")
+    p.add_argument("--seed", type=int, default=0, help="the data set is a pure function of this seed")
+    return p
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    from ..demo.synthetic import make_dataset
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    root = resolve_output(parser, args)
+    if min(args.num_train, args.num_val, args.num_unlabeled) < 0 or min(args.image_size) < 16:
+        parser.error("image counts must be >= 0 and image sides >= 16 pixels")
+    paths = make_dataset(root, args.num_train, args.num_val, args.num_unlabeled, tuple(args.image_size), args.seed)
+    for name, path in paths.items():
+        print(f"{name:13s} {path}")
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_tool(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""SparK pretraining: a folder of unlabeled images in, SparK-pretrained timm weights out.
+
+    # one CPU smoke run
+    spark-det pretrain --recipe pretrain/resnet18_smoke.yaml --data path/to/images --output out/r18
+    # 8 GPUs, the paper's recipe, any key overridable
+    torchrun --nproc_per_node 8 tools/pretrain.py --recipe pretrain/resnet50.yaml \\
+        --data /data/imagenet/train --output out/r50 amp=bf16 batch_size=2048
+    # continue an interrupted run (or: --resume path/to/checkpoint-last.pth)
+    spark-det pretrain ... --output out/r50 --resume auto
+
+Outputs in --output: config.yaml (resolved), checkpoint-last.pth (full, resumable),
+encoder-<model>.pth (timm state dict, loads into timm.create_model(model, num_classes=0)),
+metrics.jsonl, tensorboard/, reconstruction-epochNNN.png. From Python: spark_det.train.Pretrainer.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from ..errors import EXIT_OK
+from .common import add_output, make_parser, resolve_output, run_tool
+
+
+def build_parser():
+    p = make_parser("spark-det pretrain", __doc__)
+    p.add_argument("--recipe", required=True, help="recipe file, e.g. pretrain/resnet50.yaml")
+    p.add_argument("--data", required=True, help="folder of images (searched recursively) or a text file of paths")
+    add_output(p, "run directory")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (checkpoint-last.pth in --output, if any) or a checkpoint path")
+    p.add_argument("--init-weights", default=None,
+                   help="start a new run from weights: a spark-det full/encoder checkpoint or the paper's files")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. epochs=10 input_size=[160,256]")
+    return p
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    from ..train import Pretrainer, load_config
+    from ..train.distributed import cleanup
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    output = resolve_output(parser, args)
+    cfg = load_config(args.recipe, args.overrides)
+    try:
+        Pretrainer(cfg, args.data, output, resume=args.resume, init_weights=args.init_weights,
+                   device=args.device).run()
+    finally:
+        cleanup()
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_tool(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

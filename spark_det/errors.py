@@ -1,0 +1,59 @@
+"""The errors a user can cause, each with the exit code the command-line tools report for it.
+
+| code | meaning                                                                     |
+|------|-----------------------------------------------------------------------------|
+| 0    | success                                                                     |
+| 1    | a bad input file: missing, unreadable, truncated or of the wrong layout     |
+| 2    | bad arguments, config or data (argparse's own usage errors are 2 as well)   |
+| 3    | training diverged (non-finite loss); the last good checkpoint is kept       |
+| 4    | a file-system error: an output cannot be written (read-only, full disk, ...) |
+| 130  | interrupted (Ctrl-C)                                                        |
+
+Library code raises these; :func:`spark_det.cli.common.run_tool` turns them into one ``error:``
+line and the exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BAD_FILE = 1
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_CANNOT_WRITE = 4
+EXIT_INTERRUPTED = 130
+
+
+class SparkDetError(Exception):
+    """Base of every error caused by what a user passed in."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckpointError(SparkDetError, ValueError):
+    """A checkpoint file is missing, unreadable, truncated or of an unexpected layout."""
+
+    exit_code = EXIT_BAD_FILE
+
+
+class ConfigError(SparkDetError, ValueError):
+    """A recipe, an override or an argument is invalid."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class DataError(SparkDetError, ValueError):
+    """The data source holds no usable images (or too few for one batch)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class NonFiniteLossError(SparkDetError, FloatingPointError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class OutputError(SparkDetError, OSError):
+    """An output file or folder cannot be written."""
+
+    exit_code = EXIT_CANNOT_WRITE

@@ -1,0 +1,169 @@
+"""Statistics over visible positions: the one core every sparse norm and pooling layer uses.
+
+SparK's normalisation layers must see the sparse image as the set of its visible vectors, so
+their statistics are means and variances over visible positions only. Everything here follows
+from :func:`visible_moments`:
+
+* sums and counts are accumulated in at least float32, whatever the input dtype (under fp16
+  autocast a position count above 65504 would otherwise become inf, and bf16 counts are
+  inexact above 256), and the count is computed from the mask's shape, not summed per channel;
+* with a process group the sums are all-reduced (``torch.distributed.nn`` carries gradients
+  back to every rank), which is a sparse SyncBatchNorm that works with NCCL and gloo alike.
+
+The fast path's row BatchNorm without synchronisation calls torch's fused batch norm on the
+gathered rows: the rows are exactly the visible positions, so its statistics are these ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+ProcessGroup = object  # None (no sync), True (the default group) or a torch.distributed group
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the input's own dtype for float32 / float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _all_reduce_sum(t: torch.Tensor, process_group: ProcessGroup) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    group = dist.group.WORLD if process_group is True else process_group
+    return all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def _visible_sum_and_count(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...],
+                           process_group: Optional[ProcessGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = accumulation_dtype(x.dtype)
+    mask = mask.to(acc)
+    # Dimensions where the mask broadcasts (channels) multiply the count instead of expanding it.
+    repeat = math.prod(x.shape[d] // mask.shape[d] for d in dims)
+    count = mask.sum(dims, keepdim=True) * repeat
+    total = (x.to(acc) * mask).sum(dims, keepdim=True)
+    if process_group is not None:
+        flat = _all_reduce_sum(torch.cat([count.flatten(), total.flatten()]), process_group)
+        count, total = flat[: count.numel()].view_as(count), flat[count.numel():].view_as(total)
+    return total, count
+
+
+def visible_mean(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...],
+                 process_group: Optional[ProcessGroup] = None) -> torch.Tensor:
+    """Mean of ``x`` over ``dims`` counting only positions where ``mask`` (0/1, broadcastable) is 1.
+
+    Returned in ``x``'s dtype (it feeds the layer's next operation, e.g. SE's convolution).
+    """
+    total, count = _visible_sum_and_count(x, mask, dims, process_group)
+    return (total / count.clamp_min(1)).to(x.dtype)
+
+
+def visible_moments(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...],
+                    process_group: Optional[ProcessGroup] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, count) over the visible positions, keepdim, in the accumulation dtype."""
+    total, count = _visible_sum_and_count(x, mask, dims, process_group)
+    acc_mask = mask.to(total.dtype)
+    mean = total / count.clamp_min(1)
+    square = ((x.to(total.dtype) - mean) * acc_mask).square().sum(dims, keepdim=True)
+    if process_group is not None:
+        square = _all_reduce_sum(square, process_group)
+    return mean, square / count.clamp_min(1), count
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                         count: torch.Tensor) -> None:
+    """What nn.BatchNorm does with batch statistics: momentum update, unbiased variance."""
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    n = count.to(var.dtype)
+    unbiased = var * n / (n - 1).clamp_min(1)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
+def _state_dtype(norm: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a dense norm's output would have: the input's, promoted with its parameters'."""
+    state = next((t for t in (getattr(norm, "weight", None), getattr(norm, "running_var", None)) if t is not None), x)
+    return torch.promote_types(x.dtype, state.dtype)
+
+
+def sparse_batch_norm(
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    bn: nn.modules.batchnorm._BatchNorm,
+    process_group: Optional[ProcessGroup] = None,
+) -> torch.Tensor:
+    """BatchNorm whose batch statistics come from visible positions only.
+
+    Equals ``F.batch_norm`` applied to the gathered visible vectors [N_visible, C] and scattered
+    back (the definition the tests check), without the gather/scatter. ``mask=None``: every
+    position of ``x`` is visible (already gathered vectors, as [N, C, 1, 1]).
+    """
+    if mask is None:
+        mask = x.new_ones(1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
+    if bn.training or not bn.track_running_stats:
+        mean, var, count = visible_moments(x, mask, (0, 2, 3), process_group)
+        mean, var = mean.view(-1), var.view(-1)
+        if bn.training and bn.track_running_stats:
+            update_running_stats(bn, mean.detach(), var.detach(), count.detach().view(1))
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    inv_std = torch.rsqrt(var + bn.eps)
+    scale = inv_std if bn.weight is None else bn.weight * inv_std
+    shift = -mean * scale if bn.bias is None else bn.bias - mean * scale
+    out = x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    return (out * mask.to(out.dtype)).to(_state_dtype(bn, x))
+
+
+def batch_norm_rows(rows: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
+                    process_group: Optional[ProcessGroup] = None) -> torch.Tensor:
+    """BatchNorm over gathered visible vectors [N, C] with ``bn``'s state.
+
+    Only ``bn``'s parameters and buffers are used, not its forward, so converting the block's
+    children to SyncBatchNorm later changes nothing: synchronisation comes from ``process_group``.
+    """
+    if process_group is not None and (bn.training or not bn.track_running_stats):
+        return sparse_batch_norm(rows[:, :, None, None], None, bn, process_group)[:, :, 0, 0]
+    momentum = 0.0
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        rows,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bn.weight,
+        bn.bias,
+        bn.training or not bn.track_running_stats,
+        momentum,
+        bn.eps,
+    )
+
+
+def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm whose per-sample, per-group statistics come from visible positions only."""
+    b, c, h, w = x.shape
+    g = gn.num_groups
+    xg = x.view(b, g, c // g, h, w)
+    mg = mask.view(b, 1, 1, h, w)
+    mean, var, _ = visible_moments(xg, mg, (2, 3, 4))
+    y = ((xg.to(mean.dtype) - mean) * torch.rsqrt(var + gn.eps)).view(b, c, h, w)
+    if gn.affine:
+        y = y * gn.weight.view(1, -1, 1, 1) + gn.bias.view(1, -1, 1, 1)
+    return (y * mask.to(y.dtype)).to(_state_dtype(gn, x))
+
+
+def visible_mean_rows(rows: torch.Tensor, sample: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sample mean of gathered rows [N, C] -> [B, C] (the squeeze of SE over visible positions)."""
+    acc = accumulation_dtype(rows.dtype)
+    total = rows.new_zeros(batch, rows.shape[1], dtype=acc).index_add(0, sample, rows.to(acc))
+    count = torch.bincount(sample, minlength=batch).clamp_min(1).to(acc)
+    return (total / count[:, None]).to(rows.dtype)

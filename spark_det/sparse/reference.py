@@ -1,0 +1,63 @@
+"""The reference path: SparK's own emulation of sparse execution, kept as the definition of correct.
+
+Like the reference code (github.com/keyu-tian/SparK, ``encoder.py``): every layer runs densely
+on all positions and its output is re-masked, and normalisation layers gather the visible
+vectors ``x[mask]`` into [N_visible, C], normalise them and scatter them back into zeros. It is
+slow (most of the arithmetic is spent on masked positions, the norms copy whole tensors twice)
+but obviously right; the fast path (:mod:`.blocks`) must reproduce its loss and
+gradients, and the tests and ``benchmarks/pretrain_step.py`` compare the two.
+
+Select it with ``SparseEncoder(..., impl="reference")``. Single-process only: it has no
+synchronised BatchNorm (use the fast path under DDP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layers import SparseLayer
+
+
+def gather_visible(x: torch.Tensor, mask: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """[B, C, H, W] (or [B, H, W, C]) -> [N_visible, C] by boolean indexing, as the reference does."""
+    bhwc = x if channels_last else x.permute(0, 2, 3, 1)
+    return bhwc[mask]
+
+
+def scatter_visible(rows: torch.Tensor, mask: torch.Tensor, like: torch.Tensor, channels_last: bool = False):
+    """Inverse of :func:`gather_visible`: rows written into zeros shaped like ``like``."""
+    bhwc = like if channels_last else like.permute(0, 2, 3, 1)
+    out = torch.zeros_like(bhwc)
+    out[mask] = rows.to(out.dtype)  # autocast may have run the norm in fp32
+    return out if channels_last else out.permute(0, 3, 1, 2)
+
+
+class GatherScatterBatchNorm(SparseLayer):
+    """BatchNorm2d / SyncBatchNorm / timm BatchNormAct2d over gathered visible vectors.
+
+    The base class's own forward runs on the [N, C, 1, 1] vectors, so running statistics,
+    momentum and (for BatchNormAct2d) the activation behave exactly as the dense layer's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.active.at(x.shape[2:4])[:, 0]  # [B, H, W] bool
+        rows = gather_visible(x, mask)
+        out = super().forward(rows[:, :, None, None])[:, :, 0, 0]
+        return scatter_visible(out, mask, x)
+
+
+class GatherScatterLayerNorm(SparseLayer):
+    """LayerNorm over gathered visible vectors (timm LayerNorm2d, or nn.LayerNorm on [B, H, W, C])."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[1:3] if self.channels_last else x.shape[2:4]
+        mask = self.active.at(size)[:, 0]
+        rows = gather_visible(x, mask, self.channels_last)
+        out = F.layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)
+        return scatter_visible(out, mask, x, self.channels_last)
+
+
+class GatherScatterLayerNormChannelsLast(GatherScatterLayerNorm):
+    channels_last = True
+

@@ -1,0 +1,109 @@
+"""One pretraining epoch: per-iteration schedules, autocast, clipping, accumulation, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..errors import NonFiniteLossError
+from ..sparse.masking import random_visible_mask
+from .sampler import sample_seed
+from .schedule import Schedule, apply_schedule
+
+
+def sample_masks(keys: list[tuple[int, int]], grid: tuple[int, int], mask_ratio: float, seed: int,
+                 device: torch.device) -> torch.Tensor:
+    """One mask per sample, seeded by the sample's (epoch, index): independent of how the global
+    batch is split over ranks, so 1 process and N processes see the same masks."""
+    masks = [
+        random_visible_mask(1, grid, mask_ratio, torch.Generator().manual_seed(sample_seed(seed + 1, e, i)))
+        for e, i in keys
+    ]
+    return torch.cat(masks).to(device)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    spark: nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    epoch: int,
+    iters_per_epoch: int,
+    start_iter: int,
+    device: torch.device,
+    seed: int,
+    accum_steps: int = 1,
+    clip_grad: Optional[float] = 5.0,
+    amp_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    channels_last: bool = False,
+    on_iteration: Optional[Callable[[int, dict], None]] = None,
+) -> None:
+    """Train ``model`` (SparK, possibly DDP-wrapped as ``model``; ``spark`` is the bare module)
+    from iteration ``start_iter`` of ``epoch`` to the end of the epoch.
+
+    ``on_iteration(global_iter, metrics)`` is called after every optimizer step (logging,
+    checkpoints); it may raise StopIteration to end the run early.
+    """
+    model.train()
+    grid = None
+    tick = time.perf_counter()
+    for i, batch in enumerate(loader, start=start_iter):
+        it = epoch * iters_per_epoch + i
+        lr, wd = schedule.lr(it), schedule.weight_decay(it)
+        apply_schedule(optimizer, lr, wd)
+
+        images = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        grid = grid or spark.encoder.grid_size(images.shape[-2:])
+        visible = sample_masks(batch["key"], grid, spark.mask_ratio, seed, device)
+
+        loss_sum = 0.0
+        for micro, (x, v) in enumerate(zip(images.chunk(accum_steps), visible.chunk(accum_steps))):
+            last = micro == accum_steps - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = model(x, v) / accum_steps
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at epoch {epoch} iteration {i} (lr {lr:.3g}); stopping. The last "
+                    "good checkpoint is kept: lower the lr, raise warm-up, or use bf16 instead of fp16"
+                )
+            with sync:
+                (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.item()
+
+        if scaler:
+            scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if dist.is_initialized() and dist.get_world_size() > 1:  # log the global batch's loss
+            mean_loss = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+            dist.all_reduce(mean_loss)
+            loss_sum = mean_loss.item() / dist.get_world_size()
+        now = time.perf_counter()
+        metrics = {
+            "epoch": epoch, "iter": i, "global_iter": it, "loss": loss_sum, "lr": lr, "wd": wd,
+            "grad_norm": float(grad_norm), "images_per_s": images.shape[0] / max(now - tick, 1e-9),
+            "skipped_images": int(batch["skipped"]),
+        }
+        if device.type == "cuda":
+            metrics["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        tick = now
+        if on_iteration is not None:
+            on_iteration(it, metrics)

@@ -1,0 +1,81 @@
+"""Converters from a timm encoder state to each target: timm, torchvision, Detectron2 (.pkl), MMDetection.
+
+Pure functions on state dicts; reading the source layout is :mod:`.layouts`' job.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..io import PathLike, save_atomic, save_pickle_atomic
+from .convnext_pyramid import timm_to_pyramid_keys
+from .layouts import check_covers, to_timm
+
+TARGETS = ("detectron2", "mmdet", "timm", "torchvision")
+
+
+def resnet_to_detectron2(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """timm/torchvision ResNet -> Detectron2 ResNet names (stem, res2..res5, convK.norm, shortcut)."""
+    out = {}
+    for k, v in state.items():
+        name = k
+        if not name.startswith("layer"):
+            name = "stem." + name
+        for i in range(1, 5):
+            name = name.replace(f"layer{i}.", f"res{i + 1}.")
+        name = re.sub(r"bn(\d)", r"conv\1.norm", name)
+        name = name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        out[name] = v.detach().cpu().numpy()
+    return out
+
+
+def _detection_backbone_state(state: dict[str, torch.Tensor], model_name: str, framework: str) -> dict:
+    if model_name.startswith("convnext"):  # spark-det's ConvNeXt backbones (spark_det.transfer.convnext_pyramid)
+        return timm_to_pyramid_keys(state)
+    if model_name.startswith("resnet"):
+        return resnet_to_detectron2(state) if framework == "detectron2" else dict(state)
+    raise CheckpointError(f"{framework} conversion supports ResNets and ConvNeXts, not {model_name}")
+
+
+def detectron2_checkpoint(state: dict[str, torch.Tensor], model_name: str) -> dict:
+    """The .pkl layout Detectron2's DetectionCheckpointer reads (names matched by its heuristics):
+    Detectron2 ResNet names, or ``downsample_layers.*/stages.*`` for build_convnext_*_backbone."""
+    model = _detection_backbone_state(state, model_name, "detectron2")
+    model = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in model.items()}
+    return {"model": model, "__author__": "spark-det", "matching_heuristics": True}
+
+
+def mmdet_checkpoint(state: dict[str, torch.Tensor], model_name: str) -> dict:
+    """MMDetection backbone weights: torchvision names for mmdet's ResNet (style='pytorch'),
+    ``downsample_layers.*/stages.*`` for the SparKConvNeXt backbone."""
+    model = _detection_backbone_state(state, model_name, "mmdet")
+    return {"state_dict": model, "meta": {"converted_by": "spark-det", "arch": model_name}}
+
+
+def convert(obj: dict, target: str, expect: Optional[str] = None) -> tuple[str, object, int]:
+    """Convert a loaded checkpoint to ``target``; returns (architecture, converted object, #tensors)."""
+    model_name, state = to_timm(obj)
+    if expect and expect != model_name:
+        raise CheckpointError(f"checkpoint holds {model_name}, but {expect} was asked for")
+    check_covers(state, model_name)
+    if target in ("timm", "torchvision"):
+        if target == "torchvision" and not model_name.startswith("resnet"):
+            raise CheckpointError(f"torchvision has no {model_name}")
+        return model_name, state, len(state)
+    if target == "detectron2":
+        ckpt = detectron2_checkpoint(state, model_name)
+        return model_name, ckpt, len(ckpt["model"])
+    if target == "mmdet":
+        ckpt = mmdet_checkpoint(state, model_name)
+        return model_name, ckpt, len(ckpt["state_dict"])
+    raise ValueError(f"unknown target {target!r}: use one of {TARGETS}")
+
+
+def write_converted(converted: object, target: str, path: PathLike) -> None:
+    """Write :func:`convert`'s output atomically in the target's format (.pkl for Detectron2)."""
+    (save_pickle_atomic if target == "detectron2" else save_atomic)(converted, path)

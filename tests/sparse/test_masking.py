@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from spark_det.sparse.masking import ActiveMask, num_visible, random_visible_mask, upsample_mask
+
+
+@pytest.mark.parametrize("grid,ratio", [((7, 7), 0.6), ((4, 10), 0.6), ((12, 12), 0.75), ((1, 1), 0.6)])
+def test_every_image_keeps_exactly_round_hw_times_one_minus_ratio_patches(grid, ratio):
+    visible = random_visible_mask(16, grid, ratio, torch.Generator().manual_seed(1))
+    assert visible.shape == (16, 1, *grid) and visible.dtype == torch.bool
+    expected = max(1, round(grid[0] * grid[1] * (1 - ratio)))
+    assert visible.flatten(1).sum(1).tolist() == [expected] * 16
+
+
+def test_masks_are_reproducible_from_a_seed_and_differ_between_images_and_seeds():
+    a = random_visible_mask(8, (7, 7), 0.6, torch.Generator().manual_seed(3))
+    b = random_visible_mask(8, (7, 7), 0.6, torch.Generator().manual_seed(3))
+    c = random_visible_mask(8, (7, 7), 0.6, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])
+
+
+def test_invalid_mask_ratio_is_rejected():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        num_visible((7, 7), 1.0)
+
+
+def test_upsampled_mask_repeats_each_patch_and_rejects_non_multiples():
+    visible = torch.tensor([[True, False], [False, True]]).view(1, 1, 2, 2)
+    up = upsample_mask(visible, (4, 6))
+    assert up.shape == (1, 1, 4, 6)
+    assert up[0, 0, :2, :3].all() and not up[0, 0, :2, 3:].any()
+    with pytest.raises(ValueError, match="not a multiple"):
+        upsample_mask(visible, (5, 6))
+
+
+def test_active_mask_is_scoped_and_reentrant():
+    active = ActiveMask()
+    outer = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    inner = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="without a mask"):
+        active.at((4, 4))
+    with active.use(outer):
+        assert active.at((4, 4)).all()
+        with active.use(inner):
+            assert not active.at((4, 4)).any()
+        assert active.at((4, 4)).all()
+    assert not active.is_set
