@@ -1,4 +1,5 @@
-"""Weights-only loading of mmengine checkpoints (mmengine issue 1655).
+"""Weights-only loading of mmengine checkpoints: mmengine 0.10.7 resumes with a plain ``torch.load``,
+which torch >= 2.6 (``weights_only=True`` by default) refuses for its checkpoints.
 
 mmengine checkpoints pickle numpy scalars/arrays and the message hub's HistoryBuffer, whose
 statistics methods are stored as ``getattr(HistoryBuffer, 'min')``. torch's weights-only

@@ -106,14 +106,16 @@ class SparseBatchNormAct2d(SparseLayer, BatchNormAct2d):
 
 
 class SparseGroupNorm(SparseLayer, nn.GroupNorm):
-    """GroupNorm over visible positions (reference SparK issue 56)."""
+    """GroupNorm over visible positions (SparK's reference code has none: its GroupNorm would
+    count the masked zeros)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_group_norm(x, self.active.like(x), self)
 
 
 class SparseSEModule(SparseLayer, SEModule):
-    """Squeeze-excitation whose squeeze averages visible positions only (reference issue 54)."""
+    """Squeeze-excitation whose squeeze averages visible positions only (a dense global pool
+    would average in the masked zeros and leak the mask ratio into every gate)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_se = _visible_squeeze(x, self.active.like(x), self.add_maxpool)

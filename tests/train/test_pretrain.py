@@ -184,3 +184,14 @@ def test_visualize_renders_a_grid_from_a_full_checkpoint_and_refuses_an_encoder(
         assert img.size[0] > 3 * 64 and img.size[1] > 3 * 64  # 3 columns x 3 rows of 64 px
     assert visualize.main([str(out / "encoder-resnet18.pth"), str(images), "--out", str(grid)]) == 1
     assert "not a full spark-det checkpoint" in capsys.readouterr().err
+
+
+def test_pretraining_runs_from_python_without_the_command_line(images, tmp_path):
+    from spark_det.train import Pretrainer, load_config
+
+    cfg = load_config(RECIPE, ["epochs=1", "batch_size=16", "warmup_epochs=0"])
+    result = Pretrainer(cfg, data=images, output=tmp_path / "py", device="cpu", log=lambda _: None).run()
+    assert result.encoder == tmp_path / "py" / "encoder-resnet18.pth" and result.encoder.is_file()
+    assert (result.epoch, result.iteration, result.stopped_early) == (1, 2, False)
+    assert result.last_loss == pytest.approx(losses(tmp_path / "py")[-1])
+    timm.create_model("resnet18", num_classes=0).load_state_dict(torch.load(result.encoder, weights_only=True))
