@@ -41,7 +41,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..train.distributed import cleanup
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may stand anywhere
     output = resolve_output(parser, args)
     cfg = load_config(args.recipe, args.overrides)
     try:

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Union
 
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropBlock2d, DropPath
 
 from ..sparse.convert import first_layer_fed_masked_values, modules_run_by, sparsify
-from ..sparse.masking import ActiveMask, masked_fill_pixels
+from ..sparse.masking import ActiveMask, masked_fill_pixels, upsample_mask
 
 NUM_SCALES = 4
+STOCHASTIC_LAYERS = (nn.modules.dropout._DropoutNd, DropPath, DropBlock2d)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _randomise_norm(module: nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial affine parameters and running statistics (for the probe copy only)."""
+    if not isinstance(module, NORMS):
+        return
+    for name, low, high in (("weight", 0.5, 1.5), ("bias", -1.0, 1.0), ("running_mean", -1.0, 1.0),
+                            ("running_var", 0.5, 2.0)):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor):
+            tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) * (high - low) + low)
 
 
 class SparseEncoder(nn.Module):
@@ -57,18 +73,53 @@ class SparseEncoder(nn.Module):
         with torch.no_grad():
             ran = modules_run_by(model, lambda: self.model.forward_intermediates(probe, indices=NUM_SCALES))
             sparsify(model, self.active, only=ran, impl=impl)
-            if verify:
-                self._verify(probe)
         model.train(was_training)
+        if verify:
+            self.verify()
 
-    def _verify(self, probe: torch.Tensor) -> None:
+    @torch.no_grad()
+    def verify(self) -> None:
+        """Raise ValueError if any layer on the forward path is not sparse-aware.
+
+        Runs on a throw-away float64 copy in train mode, with random affine parameters and running
+        statistics in every norm (fresh weights would let a dense BatchNorm map zeros to zeros),
+        and checks two properties of sparse execution:
+
+        1. every sparse layer receives exactly 0 at masked positions, and so do the outputs;
+        2. extra masked patches change no feature: the image padded on the right with one and with
+           two images' width of masked patches gives the same features on their common part. A
+           dense norm or a pooled statistic (global pooling, squeeze-excitation) would count them.
+        """
+        probe = copy.deepcopy(self).double().train()
+        generator = torch.Generator().manual_seed(0)
+        for module in probe.modules():
+            if isinstance(module, STOCHASTIC_LAYERS):
+                module.eval()  # the same draws in every pass
+            _randomise_norm(module, generator)
+        r = self.downsample_ratio
+        images = torch.randn(2, 3, 2 * r, 2 * r, generator=generator, dtype=torch.float64)
         visible = torch.tensor([[1, 0], [0, 1], [0, 0], [1, 1]], dtype=torch.bool).view(2, 1, 2, 2)
-        offender = first_layer_fed_masked_values(self.model, lambda: self(probe, visible))
+        offender = first_layer_fed_masked_values(probe.model, lambda: probe(images, visible))
         if offender is not None:
             raise ValueError(
                 f"{self.model_name}: layer '{offender}' receives non-zero values at masked positions; "
                 "a layer before it is not sparse-aware, so masked positions would not be empty"
             )
+
+        def padded(times: int) -> list[torch.Tensor]:
+            return probe(F.pad(images, (0, times * 2 * r)), F.pad(visible, (0, times * 2)))
+
+        once, twice = padded(1), padded(2)
+        for level, (a, b) in enumerate(zip(once, twice)):
+            b = b[..., : a.shape[-1]]
+            if (a - b).abs().max() > 1e-9 * max(1.0, a.abs().max().item()):
+                raise ValueError(
+                    f"{self.model_name}: features at scale {level} change when masked patches are added; a norm "
+                    "or pooled statistic on the forward path counts masked positions (is a sparse layer missing?)"
+                )
+            masked = ~upsample_mask(F.pad(visible, (0, 2)), a.shape[-2:])
+            if a.masked_select(masked).abs().max() > 0:
+                raise ValueError(f"{self.model_name}: features at scale {level} are not empty at masked positions")
 
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         """Mask grid for an input size; both sides must be multiples of the downsample ratio."""

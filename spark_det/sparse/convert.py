@@ -138,7 +138,8 @@ def enable_sparse_sync_batchnorm(model: nn.Module, process_group: object = True)
 
     Returns how many layers were switched. Use under DDP instead of nn.SyncBatchNorm.
     """
-    layers = [m for m in model.modules() if isinstance(m, (SparseBatchNorm2d, SparseBatchNormAct2d, RowBlock))]
+    synchronised = (SparseBatchNorm2d, SparseBatchNormAct2d, RowBlock, GatherScatterBatchNorm)
+    layers = [m for m in model.modules() if isinstance(m, synchronised)]
     for layer in layers:
         layer.sparse_sync = process_group
     return len(layers)

@@ -4,14 +4,16 @@ SparK's normalisation layers must see the sparse image as the set of its visible
 their statistics are means and variances over visible positions only. Everything here follows
 from :func:`visible_moments`:
 
-* sums and counts are accumulated in at least float32, whatever the input dtype (under fp16
-  autocast a position count above 65504 would otherwise become inf, and bf16 counts are
-  inexact above 256), and the count is computed from the mask's shape, not summed per channel;
+* sums are accumulated in at least float32 whatever the input dtype, and counts are exact
+  integers (float64): under fp16 autocast a count above 65504 would otherwise become inf, bf16
+  counts are inexact above 256 and float32 ones above 2**24 (a ResNet stem over 32 GPUs);
 * with a process group the sums are all-reduced (``torch.distributed.nn`` carries gradients
-  back to every rank), which is a sparse SyncBatchNorm that works with NCCL and gloo alike.
+  back to every rank), which is a sparse SyncBatchNorm that works with NCCL and gloo alike;
+* running statistics are updated as ``nn.BatchNorm`` does (momentum, unbiased variance).
 
-The fast path's row BatchNorm without synchronisation calls torch's fused batch norm on the
-gathered rows: the rows are exactly the visible positions, so its statistics are these ones.
+Every path uses it: per-layer sparse norms (:mod:`.layers`), the fast path's row blocks
+(:mod:`.blocks`), the reference emulation (:mod:`.reference`), SparK's densify norms, and the dense
+decoder's synchronised BatchNorm on CPU (:mod:`spark_det.train.distributed`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 ProcessGroup = object  # None (no sync), True (the default group) or a torch.distributed group
 
@@ -39,41 +40,51 @@ def _all_reduce_sum(t: torch.Tensor, process_group: ProcessGroup) -> torch.Tenso
     return all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
-def _visible_sum_and_count(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...],
+def _visible_sum_and_count(x: torch.Tensor, mask: Optional[torch.Tensor], dims: tuple[int, ...],
                            process_group: Optional[ProcessGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the visible values in the accumulation dtype, exact visible count in float64),
+    keepdim; ``mask=None``: every position is visible."""
     acc = accumulation_dtype(x.dtype)
-    mask = mask.to(acc)
-    # Dimensions where the mask broadcasts (channels) multiply the count instead of expanding it.
-    repeat = math.prod(x.shape[d] // mask.shape[d] for d in dims)
-    count = mask.sum(dims, keepdim=True) * repeat
-    total = (x.to(acc) * mask).sum(dims, keepdim=True)
-    if process_group is not None:
-        flat = _all_reduce_sum(torch.cat([count.flatten(), total.flatten()]), process_group)
-        count, total = flat[: count.numel()].view_as(count), flat[count.numel():].view_as(total)
+    if mask is None:
+        total = x.sum(dims, keepdim=True, dtype=acc)
+        size = float(math.prod(x.shape[d] for d in dims))
+        count = torch.full([1] * x.dim(), size, dtype=torch.float64, device=x.device)
+    else:
+        # Dimensions where the mask broadcasts (channels) multiply the count instead of expanding it.
+        repeat = math.prod(x.shape[d] // mask.shape[d] for d in dims)
+        count = mask.sum(dims, keepdim=True, dtype=torch.float64) * repeat
+        total = (x.to(acc) * mask.to(acc)).sum(dims, keepdim=True)
+    if process_group is not None:  # one all-reduce for both, in float64 so the count stays exact
+        flat = _all_reduce_sum(torch.cat([count.flatten(), total.flatten().double()]), process_group)
+        count, total = flat[: count.numel()].view_as(count), flat[count.numel():].view_as(total).to(acc)
     return total, count
 
 
-def visible_mean(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...],
+def visible_mean(x: torch.Tensor, mask: Optional[torch.Tensor], dims: tuple[int, ...],
                  process_group: Optional[ProcessGroup] = None) -> torch.Tensor:
     """Mean of ``x`` over ``dims`` counting only positions where ``mask`` (0/1, broadcastable) is 1.
 
     Returned in ``x``'s dtype (it feeds the layer's next operation, e.g. SE's convolution).
     """
     total, count = _visible_sum_and_count(x, mask, dims, process_group)
-    return (total / count.clamp_min(1)).to(x.dtype)
+    return (total / count.clamp_min(1).to(total.dtype)).to(x.dtype)
 
 
-def visible_moments(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...],
+def visible_moments(x: torch.Tensor, mask: Optional[torch.Tensor], dims: tuple[int, ...],
                     process_group: Optional[ProcessGroup] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, biased variance, count) over the visible positions, keepdim, in the accumulation dtype."""
+    """(mean, biased variance) over the visible positions in the accumulation dtype, and the exact
+    count (float64); all keepdim. ``mask=None``: every position is visible."""
     total, count = _visible_sum_and_count(x, mask, dims, process_group)
-    acc_mask = mask.to(total.dtype)
-    mean = total / count.clamp_min(1)
-    square = ((x.to(total.dtype) - mean) * acc_mask).square().sum(dims, keepdim=True)
+    divisor = count.clamp_min(1).to(total.dtype)
+    mean = total / divisor
+    centered = x.to(total.dtype) - mean
+    if mask is not None:
+        centered = centered * mask.to(total.dtype)
+    square = centered.square().sum(dims, keepdim=True)
     if process_group is not None:
         square = _all_reduce_sum(square, process_group)
-    return mean, square / count.clamp_min(1), count
+    return mean, square / divisor, count
 
 
 @torch.no_grad()
@@ -82,8 +93,7 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor
     """What nn.BatchNorm does with batch statistics: momentum update, unbiased variance."""
     bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    n = count.to(var.dtype)
-    unbiased = var * n / (n - 1).clamp_min(1)
+    unbiased = var * (count / (count - 1).clamp_min(1)).to(var.dtype)  # the factor in float64: exact
     bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
     bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
 
@@ -106,8 +116,6 @@ def sparse_batch_norm(
     back (the definition the tests check), without the gather/scatter. ``mask=None``: every
     position of ``x`` is visible (already gathered vectors, as [N, C, 1, 1]).
     """
-    if mask is None:
-        mask = x.new_ones(1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
     if bn.training or not bn.track_running_stats:
         mean, var, count = visible_moments(x, mask, (0, 2, 3), process_group)
         mean, var = mean.view(-1), var.view(-1)
@@ -119,33 +127,16 @@ def sparse_batch_norm(
     scale = inv_std if bn.weight is None else bn.weight * inv_std
     shift = -mean * scale if bn.bias is None else bn.bias - mean * scale
     out = x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    return (out * mask.to(out.dtype)).to(_state_dtype(bn, x))
+    if mask is not None:
+        out = out * mask.to(out.dtype)
+    return out.to(_state_dtype(bn, x))
 
 
 def batch_norm_rows(rows: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
                     process_group: Optional[ProcessGroup] = None) -> torch.Tensor:
-    """BatchNorm over gathered visible vectors [N, C] with ``bn``'s state.
-
-    Only ``bn``'s parameters and buffers are used, not its forward, so converting the block's
-    children to SyncBatchNorm later changes nothing: synchronisation comes from ``process_group``.
-    """
-    if process_group is not None and (bn.training or not bn.track_running_stats):
-        return sparse_batch_norm(rows[:, :, None, None], None, bn, process_group)[:, :, 0, 0]
-    momentum = 0.0
-    if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    track = not bn.training or bn.track_running_stats
-    return F.batch_norm(
-        rows,
-        bn.running_mean if track else None,
-        bn.running_var if track else None,
-        bn.weight,
-        bn.bias,
-        bn.training or not bn.track_running_stats,
-        momentum,
-        bn.eps,
-    )
+    """BatchNorm over gathered visible vectors [N, C] with ``bn``'s parameters and buffers (not its
+    forward: synchronisation comes from ``process_group``, whatever class ``bn`` has)."""
+    return sparse_batch_norm(rows[:, :, None, None], None, bn, process_group)[:, :, 0, 0]
 
 
 def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:

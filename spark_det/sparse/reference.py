@@ -7,16 +7,18 @@ slow (most of the arithmetic is spent on masked positions, the norms copy whole 
 but obviously right; the fast path (:mod:`.blocks`) must reproduce its loss and
 gradients, and the tests and ``benchmarks/pretrain_step.py`` compare the two.
 
-Select it with ``SparseEncoder(..., impl="reference")``. Single-process only: it has no
-synchronised BatchNorm (use the fast path under DDP).
+Select it with ``SparseEncoder(..., impl="reference")``. Its BatchNorm statistics come from the
+same core as the fast path's (:mod:`.norms`), so it also synchronises under DDP.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
 
 from .layers import SparseLayer
+from .norms import batch_norm_rows
 
 
 def gather_visible(x: torch.Tensor, mask: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -34,17 +36,18 @@ def scatter_visible(rows: torch.Tensor, mask: torch.Tensor, like: torch.Tensor, 
 
 
 class GatherScatterBatchNorm(SparseLayer):
-    """BatchNorm2d / SyncBatchNorm / timm BatchNormAct2d over gathered visible vectors.
+    """BatchNorm2d / SyncBatchNorm / timm BatchNormAct2d over gathered visible vectors, normalised
+    by the shared core (:func:`~spark_det.sparse.norms.batch_norm_rows`); ``sparse_sync``
+    all-reduces the statistics as in the other paths."""
 
-    The base class's own forward runs on the [N, C, 1, 1] vectors, so running statistics,
-    momentum and (for BatchNormAct2d) the activation behave exactly as the dense layer's.
-    """
+    sparse_sync: object = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.active.at(x.shape[2:4])[:, 0]  # [B, H, W] bool
-        rows = gather_visible(x, mask)
-        out = super().forward(rows[:, :, None, None])[:, :, 0, 0]
-        return scatter_visible(out, mask, x)
+        rows = batch_norm_rows(gather_visible(x, mask), self, self.sparse_sync)
+        if isinstance(self, BatchNormAct2d):
+            rows = self.act(self.drop(rows))  # elementwise, so rows are fine
+        return scatter_visible(rows, mask, x)
 
 
 class GatherScatterLayerNorm(SparseLayer):

@@ -66,20 +66,29 @@ def train_one_epoch(
         grid = grid or spark.encoder.grid_size(images.shape[-2:])
         visible = sample_masks(batch["key"], grid, spark.mask_ratio, seed, device)
 
-        loss_sum = 0.0
+        micro_losses = []
         for micro, (x, v) in enumerate(zip(images.chunk(accum_steps), visible.chunk(accum_steps))):
-            last = micro == accum_steps - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = model(x, v) / accum_steps
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {epoch} iteration {i} (lr {lr:.3g}); stopping. The last "
-                    "good checkpoint is kept: lower the lr, raise warm-up, or use bf16 instead of fp16"
-                )
-            with sync:
+            # DDP all-reduces gradients in the backward pass of the last micro-batch only; each
+            # earlier one gets a fresh no_sync context around its forward and backward.
+            skip_sync = micro < accum_steps - 1 and hasattr(model, "no_sync")
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = model(x, v) / accum_steps
                 (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
+            micro_losses.append(loss.detach().float())
+
+        # One host synchronisation per step: the global batch's loss, for the finiteness check
+        # (the same on every rank, so all ranks stop together) and the log.
+        step_loss = torch.stack(micro_losses).sum().reshape(1).double()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(step_loss)
+            step_loss /= dist.get_world_size()
+        loss_value = step_loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at epoch {epoch} iteration {i} (lr {lr:.3g}); stopping. The last "
+                "good checkpoint is kept: lower the lr, raise warm-up, or use bf16 instead of fp16"
+            )
 
         if scaler:
             scaler.unscale_(optimizer)
@@ -92,13 +101,9 @@ def train_one_epoch(
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if dist.is_initialized() and dist.get_world_size() > 1:  # log the global batch's loss
-            mean_loss = torch.tensor([loss_sum], dtype=torch.float64, device=device)
-            dist.all_reduce(mean_loss)
-            loss_sum = mean_loss.item() / dist.get_world_size()
         now = time.perf_counter()
         metrics = {
-            "epoch": epoch, "iter": i, "global_iter": it, "loss": loss_sum, "lr": lr, "wd": wd,
+            "epoch": epoch, "iter": i, "global_iter": it, "loss": loss_value, "lr": lr, "wd": wd,
             "grad_norm": float(grad_norm), "images_per_s": images.shape[0] / max(now - tick, 1e-9),
             "skipped_images": int(batch["skipped"]),
         }

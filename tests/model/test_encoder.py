@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from timm.layers import GroupNorm
+from timm.layers import BatchNormAct2d, GroupNorm, SEModule
 
 from spark_det.model.encoder import SparseEncoder
 from spark_det.model.registry import SUPPORTED_MODELS
@@ -106,3 +106,27 @@ def test_input_sizes_off_the_patch_grid_and_wrong_masks_are_rejected():
         encoder(torch.randn(1, 3, 100, 64))
     with pytest.raises(ValueError, match="does not match"):
         encoder(torch.randn(1, 3, 64, 64), torch.ones(1, 1, 3, 3, dtype=torch.bool))
+
+
+def _dense_se_like(se):
+    dense = SEModule(se.fc1.in_channels, rd_channels=se.fc1.out_channels)
+    dense.load_state_dict(se.state_dict())
+    return dense
+
+
+@pytest.mark.parametrize("arch,impl,path,make_dense", [
+    ("resnet18", "fast", "bn1", lambda m: torch.nn.BatchNorm2d(m.num_features)),  # what SyncBatchNorm did
+    ("resnet18", "reference", "layer3.1.bn2", lambda m: torch.nn.BatchNorm2d(m.num_features)),
+    ("regnety_002", "fast", "s2.b1.conv1.bn", lambda m: BatchNormAct2d(m.num_features)),
+    ("seresnet50", "reference", "layer2.1.se", _dense_se_like),  # a pooled statistic over masked zeros
+])
+def test_the_probe_catches_a_dense_norm_or_pooled_statistic_left_on_the_path(arch, impl, path, make_dense):
+    """Freshly initialised, a dense BatchNorm maps zeros to zeros and a dense squeeze-excitation
+    keeps them zero: only a probe in train mode with non-trivial statistics, and one that adds
+    masked patches, can tell them from sparse layers."""
+    encoder = SparseEncoder(arch, impl=impl)  # verified at construction
+    parent_path, _, name = path.rpartition(".")
+    parent = encoder.model.get_submodule(parent_path)
+    setattr(parent, name, make_dense(getattr(parent, name)))
+    with pytest.raises(ValueError, match="masked"):
+        encoder.verify()

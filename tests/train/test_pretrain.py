@@ -195,3 +195,38 @@ def test_pretraining_runs_from_python_without_the_command_line(images, tmp_path)
     assert (result.epoch, result.iteration, result.stopped_early) == (1, 2, False)
     assert result.last_loss == pytest.approx(losses(tmp_path / "py")[-1])
     timm.create_model("resnet18", num_classes=0).load_state_dict(torch.load(result.encoder, weights_only=True))
+
+
+@pytest.mark.slow
+def test_two_processes_with_accumulation_match_one_process_with_the_same_micro_batches(images, tmp_path):
+    """Rank r's micro-batch m holds global positions [m B/A, (m+1) B/A) of the batch (ranks take
+    strided samples), and BatchNorm statistics are all-reduced: so 2 ranks x 2 accumulation steps
+    compute what 1 rank x 2 steps computes. (1 rank x 1 step differs: its BatchNorm sees the whole
+    batch at once.) Tolerances: losses rel 1e-4 (fp32 reduction order); weights: the mean change
+    differs by < 1e-3 of the mean update, and no element by more than 5% of the peak lr (LAMB, like
+    Adam, normalises each element's update, so a gradient element near 0 may flip with reduction
+    order; measured: 3.5e-4 of the mean update, max 2% of the lr)."""
+    common = ["--recipe", RECIPE, "--data", str(images), "--device", "cpu", "epochs=1", "batch_size=8",
+              "warmup_epochs=1", "lr=2e-3", "accum_steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for name, extra in (("one", []), ("untrained", ["lr=0.0"])):
+        single = subprocess.run([sys.executable, "tools/pretrain.py", *common, *extra, "--output",
+                                 str(tmp_path / name)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29300 + os.getpid() % 300), "tools/pretrain.py", *common,
+                          "--output", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    one, two, start = (torch.load(tmp_path / d / "encoder-resnet18.pth", weights_only=True)
+                       for d in ("one", "two", "untrained"))
+    keys = [k for k, v in one.items() if v.is_floating_point() and "running_" not in k]
+    difference = torch.cat([(two[k] - one[k]).flatten() for k in keys]).abs()
+    update = torch.cat([(one[k] - start[k]).flatten() for k in keys]).abs()
+    assert update.mean() > 0
+    assert difference.mean() < 1e-3 * update.mean(), (difference.mean(), update.mean())
+    assert difference.max() <= 0.05 * 2e-3
+    for k in one:
+        if "running_" in k:  # the synchronised BatchNorm statistics
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
