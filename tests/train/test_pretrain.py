@@ -36,6 +36,17 @@ def run(data, out, *overrides, extra=()):
     return code
 
 
+def pretrain_processes(nproc: int, *args) -> subprocess.CompletedProcess:
+    """tools/pretrain.py as one plain process or as ``nproc`` torchrun (gloo) processes; must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                      "--master_port", str(29000 + (os.getpid() * 7 + nproc) % 900)]
+    proc = subprocess.run([sys.executable, *launcher, "tools/pretrain.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def losses(out):
     return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -70,15 +81,8 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(images,
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(images, tmp_path):
     common = ["--recipe", RECIPE, "--data", str(images), "--device", "cpu", "epochs=1", "batch_size=8",
               "warmup_epochs=1", "lr=2e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    single = subprocess.run([sys.executable, "tools/pretrain.py", *common, "--output", str(tmp_path / "one")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29600 + os.getpid() % 300), "tools/pretrain.py", *common,
-                          "--output", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    pretrain_processes(1, *common, "--output", tmp_path / "one")
+    ddp = pretrain_processes(2, *common, "--output", tmp_path / "two")
     assert "2 process(es)" in ddp.stdout
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
@@ -208,16 +212,9 @@ def test_two_processes_with_accumulation_match_one_process_with_the_same_micro_b
     order; measured: 3.5e-4 of the mean update, max 2% of the lr)."""
     common = ["--recipe", RECIPE, "--data", str(images), "--device", "cpu", "epochs=1", "batch_size=8",
               "warmup_epochs=1", "lr=2e-3", "accum_steps=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for name, extra in (("one", []), ("untrained", ["lr=0.0"])):
-        single = subprocess.run([sys.executable, "tools/pretrain.py", *common, *extra, "--output",
-                                 str(tmp_path / name)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29300 + os.getpid() % 300), "tools/pretrain.py", *common,
-                          "--output", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    pretrain_processes(1, *common, "--output", tmp_path / "one")
+    pretrain_processes(1, *common, "lr=0.0", "--output", tmp_path / "untrained")
+    pretrain_processes(2, *common, "--output", tmp_path / "two")
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     one, two, start = (torch.load(tmp_path / d / "encoder-resnet18.pth", weights_only=True)
                        for d in ("one", "two", "untrained"))
