@@ -39,6 +39,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     arch, converted, count = convert(load_file(args.src), args.to, args.arch)
     write_converted(converted, args.to, dst)
     print(f"{arch}: {count} tensors -> {args.to} ({dst})")
+    if args.to == "timm" and not any(k.startswith("head.") for k in converted):
+        print("note: the file has no head.* tensors (the paper's ConvNeXt encoders have an identity final norm); "
+              "load with strict=False: no feature uses them")
     return EXIT_OK
 
 

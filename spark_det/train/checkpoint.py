@@ -10,9 +10,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
 from ..io import load_file
-from ..transfer.layouts import require_same_tensors, timm_encoder_state
+from ..transfer.layouts import (
+    backbone_tensors,
+    is_official_full_checkpoint,
+    official_full_to_spark_det,
+    require_same_tensors,
+    timm_encoder_state,
+    unwrap_state_dict,
+)
 
 LAST_CHECKPOINT = "checkpoint-last.pth"
 
@@ -50,19 +56,28 @@ def latest_checkpoint(output_dir: Union[str, Path]) -> Optional[Path]:
 def load_init_weights(spark: nn.Module, path: Union[str, Path]) -> str:
     """Load encoder weights (and, from a full SparK checkpoint, the decoder too) into ``spark``.
 
-    Accepts a spark-det full or encoder checkpoint and the paper's released files; refuses a
-    file that does not fill every encoder tensor. Returns a one-line summary for the log.
+    Accepts a spark-det full or encoder checkpoint and the paper's released files, encoder-only or
+    with decoder (:mod:`spark_det.transfer.layouts`). Refuses a file that does not fill every tensor
+    the model uses; only ``head.*`` of the encoder (timm ConvNeXt's final norm, which no feature
+    reads and the paper's files lack) may keep its initial value. Returns a summary for the log.
     """
     obj = load_file(path)
-    full = obj.get("model") if isinstance(obj.get("model"), dict) else obj.get("module")
-    if isinstance(full, dict) and any(k.startswith("decoder.") for k in full):
-        missing, unexpected = spark.load_state_dict(full, strict=False)
-        if unexpected or any(k.startswith("encoder.") for k in missing):
-            raise CheckpointError(f"{path}: full checkpoint does not match this model "
-                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return f"full SparK model from {path}"
+    state = unwrap_state_dict(obj)
+    ignored: list[str] = []
+    if is_official_full_checkpoint(state):
+        state, ignored = official_full_to_spark_det(state)
+    if any(k.startswith("decoder.") for k in state):  # a full SparK model
+        target = spark.state_dict()
+        unused = {k for k in target if k.startswith("encoder.model.head.")}
+        require_same_tensors({k: v for k, v in state.items() if k not in unused},
+                             {k: v for k, v in target.items() if k not in unused},
+                             f"{path} does not match this SparK model ({spark.encoder.model_name})")
+        spark.load_state_dict(state, strict=False)
+        note = f"; ignored {', '.join(ignored)} (never read by SparK)" if ignored else ""
+        return f"full SparK model ({len(state)} tensors) from {path}{note}"
     state = timm_encoder_state(obj)  # unwrapped, timm names (paper's ConvNeXt renamed), no classifier
     target = spark.encoder.model.state_dict()
-    require_same_tensors(state, target, f"{path} does not match encoder {spark.encoder.model_name}")
-    spark.encoder.model.load_state_dict({k: state[k] for k in target}, strict=True)
-    return f"encoder weights ({len(target)} tensors) from {path}"
+    require_same_tensors(backbone_tensors(state), backbone_tensors(target),
+                         f"{path} does not match encoder {spark.encoder.model_name}")
+    spark.encoder.model.load_state_dict(state, strict=False)
+    return f"encoder weights ({len(state)} tensors) from {path}"

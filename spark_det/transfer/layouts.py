@@ -1,8 +1,19 @@
 """Weight layouts users bring, read into timm names: what a file holds, and whether it covers a model.
 
-Sources: spark-det full/encoder checkpoints, the paper's released files (timm-style ResNet,
-original-ConvNeXt-style ConvNeXt, wrapped in 'module'/'state_dict'/'model', MoCo prefixes),
-plain timm/torchvision state dicts.
+Sources: spark-det full/encoder checkpoints, the paper's released files, plain timm/torchvision
+state dicts. The paper's releases, as its code writes them:
+
+* ``<model>_1kpretrained_timm_style.pth``: the encoder alone. ResNets in timm names; ConvNeXts in
+  the original ConvNeXt names (``downsample_layers.{0-3}.{0,1}.*``,
+  ``stages.{s}.{b}.{dwconv,norm,pwconv1,pwconv2,gamma}``) and, since the encoder was built with
+  ``num_classes=0`` (an ``nn.Identity`` final norm), with no ``norm.*`` and no ``head.*`` keys;
+* ``<model>_withdecoder_1kpretrained_spark_style.pth``: ``{'module': state, 'optimizer', 'epoch',
+  'arch', 'input_size', ...}`` whose state holds ``sparse_encoder.sp_cnn.*`` (the encoder, named as
+  above), ``dense_decoder.dec.{i}.up_sample.*``, ``dense_decoder.dec.{i}.conv.*``,
+  ``dense_decoder.proj.*``, ``densify_norms.{i}.*``, ``densify_projs.{i}.*``, ``mask_tokens.{i}``
+  and three tensors its code never reads (``imn_m``, ``imn_s``, ``norm_black``);
+
+either possibly wrapped in 'module' / 'state_dict' / 'model', or with MoCo / DDP prefixes.
 """
 
 from __future__ import annotations
@@ -14,7 +25,17 @@ import torch
 from ..errors import CheckpointError
 
 WRAPPER_KEYS = ("module", "state_dict", "model")
-PREFIXES = ("module.encoder_q.", "module.encoder.", "module.", "encoder_q.", "encoder.model.", "encoder.", "model.")
+OFFICIAL_ENCODER = "sparse_encoder.sp_cnn."  # the encoder inside the paper's with-decoder checkpoints
+FULL_ENCODER_PREFIXES = ("encoder.model.", "module.encoder.model.", OFFICIAL_ENCODER, "module." + OFFICIAL_ENCODER)
+PREFIXES = ("module.encoder_q.", "module.encoder.", "module.", "encoder_q.", "encoder.model.", "encoder.", "model.",
+            OFFICIAL_ENCODER)
+# The official with-decoder names -> spark-det's SparK names (prefix renames); and what its code never reads.
+OFFICIAL_RENAMES = (("dense_decoder.dec.", "decoder.blocks."), ("dense_decoder.proj.", "decoder.proj."),
+                    ("densify_norms.", "densify_norms."), ("densify_projs.", "densify_projs."),
+                    ("mask_tokens.", "mask_tokens."))
+OFFICIAL_UNUSED = ("imn_m", "imn_s", "norm_black")
+# Encoder tensors no backbone feature depends on: timm ConvNeXt's final norm (the paper's files have none).
+NOT_BACKBONE = ("head.",)
 RESNET_DEPTHS = {
     ("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34, ("bottleneck", (3, 4, 6, 3)): 50,
     ("bottleneck", (3, 4, 23, 3)): 101, ("bottleneck", (3, 8, 36, 3)): 152, ("bottleneck", (3, 24, 36, 3)): 200,
@@ -51,10 +72,46 @@ def strip_prefix(state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = PRE
 def encoder_state_from_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
     """Encoder weights from a spark-det full checkpoint, an exported encoder or a released file."""
     state = unwrap_state_dict(obj)
-    encoder_keys = {k: v for k, v in state.items() if k.startswith(("encoder.model.", "module.encoder.model."))}
-    if encoder_keys:  # a full SparK state: keep the encoder only
+    encoder_keys = {k: v for k, v in state.items() if k.startswith(FULL_ENCODER_PREFIXES)}
+    if encoder_keys:  # a full SparK state (spark-det's or the paper's): keep the encoder only
         state = encoder_keys
     return strip_prefix(state)
+
+
+def backbone_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a backbone's features depend on (everything but ``head.*``)."""
+    return {k: v for k, v in state.items() if not k.startswith(NOT_BACKBONE)}
+
+
+def is_official_full_checkpoint(state: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(OFFICIAL_ENCODER) for k in state) and any(k.startswith("dense_decoder.") for k in state)
+
+
+def official_full_to_spark_det(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The paper's with-decoder state -> spark-det's SparK state names; returns (state, ignored keys).
+
+    The encoder is renamed to timm names (and loses its classifier, if any); the decoder's
+    ``dec.{i}.up_sample`` / ``dec.{i}.conv`` are spark-det's ``blocks.{i}.up`` / ``blocks.{i}.conv``
+    (the same layers); densify norms and projections and the mask tokens keep their names.
+    A key that is none of these is refused, so no tensor goes unaccounted for.
+    """
+    encoder = timm_encoder_state({k: v for k, v in state.items() if k.startswith(OFFICIAL_ENCODER)})
+    out = {f"encoder.model.{k}": v for k, v in encoder.items()}
+    ignored, unknown = [], []
+    for key, value in state.items():
+        if key.startswith(OFFICIAL_ENCODER):
+            continue
+        if key in OFFICIAL_UNUSED:
+            ignored.append(key)
+            continue
+        new = next((to + key[len(frm):] for frm, to in OFFICIAL_RENAMES if key.startswith(frm)), None)
+        if new is None:
+            unknown.append(key)
+            continue
+        out[new.replace(".up_sample.", ".up.")] = value
+    if unknown:
+        raise CheckpointError(f"unknown tensors in a SparK with-decoder checkpoint: {unknown[:5]}")
+    return out, ignored
 
 
 def _count_blocks(keys, pattern: str) -> tuple[int, ...]:
@@ -136,12 +193,14 @@ def key_mismatch(state: dict[str, torch.Tensor], reference: dict[str, torch.Tens
 
 
 def check_covers(state: dict[str, torch.Tensor], model_name: str) -> None:
-    """Refuse a state dict that does not fill every tensor of ``timm.create_model(model_name)``."""
+    """Refuse a state dict that does not fill every backbone tensor of ``timm.create_model(model_name)``
+    (``head.*``, which no feature uses and the paper's ConvNeXt files lack, may be absent)."""
     import timm
 
     with torch.device("meta"):
         reference = timm.create_model(model_name, num_classes=0).state_dict()
-    require_same_tensors(state, reference, f"checkpoint does not cover {model_name}")
+    subject = f"checkpoint does not cover {model_name}"
+    require_same_tensors(backbone_tensors(state), backbone_tensors(reference), subject)
 
 
 def require_same_tensors(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], subject: str) -> None:

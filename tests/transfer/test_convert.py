@@ -5,28 +5,16 @@ import pickle
 import pytest
 import timm
 import torch
+from release_fixtures import original_convnext_names
 
 from spark_det.cli import convert as convert_weights
 from spark_det.io import save_atomic
 from spark_det.transfer.layouts import original_convnext_to_timm
 
 
-def _original_convnext(model):
-    """timm ConvNeXt -> the paper's release naming (downsample_layers / dwconv / pwconv)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        k = k.replace("stem.", "downsample_layers.0.")
-        for s in range(1, 4):
-            k = k.replace(f"stages.{s}.downsample.", f"downsample_layers.{s}.")
-        k = k.replace(".blocks.", ".").replace("conv_dw", "dwconv").replace("mlp.fc1", "pwconv1")
-        k = k.replace("mlp.fc2", "pwconv2").replace("head.norm.", "norm.").replace("head.fc.", "head.")
-        out[k] = v
-    return out
-
-
 def test_original_convnext_naming_round_trips_to_timm():
     model = timm.create_model("convnext_atto")
-    converted = original_convnext_to_timm(_original_convnext(model))
+    converted = original_convnext_to_timm(original_convnext_names(model.state_dict()))
     reference = {k: v for k, v in model.state_dict().items() if not k.startswith("head.fc.")}
     assert set(converted) == set(reference)
 
@@ -34,7 +22,7 @@ def test_original_convnext_naming_round_trips_to_timm():
 @pytest.mark.parametrize("layout", ["timm", "module", "state_dict", "moco", "spark_full", "convnext_release"])
 def test_every_source_layout_converts(tmp_path, layout, capsys):
     if layout == "convnext_release":
-        src_obj = {"model": _original_convnext(timm.create_model("convnext_atto"))}
+        src_obj = {"model": original_convnext_names(timm.create_model("convnext_atto").state_dict())}
         arch, target = "convnext_atto", "timm"
     else:
         state = timm.create_model("resnet18").state_dict()
