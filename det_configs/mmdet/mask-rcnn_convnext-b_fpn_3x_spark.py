@@ -5,7 +5,7 @@
 # steps at 27 / 33, DETR-style multi-scale + crop augmentation, AMP, 16 images per batch.
 # Weights: tools/convert_weights.py encoder-convnext_base.pth cnx_b_spark_mmdet.pth --to mmdet
 _base_ = "mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py"
-custom_imports = dict(imports=["spark_det.mmdet"], allow_failed_imports=False)  # not mmpretrain
+custom_imports = dict(imports=["spark_det.mmdet", "spark_det.mmdet.weights_only"], allow_failed_imports=False)  # not mmpretrain
 spark_checkpoint = "cnx_b_spark_mmdet.pth"
 model = dict(
     data_preprocessor=dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True),

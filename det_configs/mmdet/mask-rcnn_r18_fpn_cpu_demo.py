@@ -1,7 +1,7 @@
 # The CPU demo (make demo): ResNet-18 FPN at 128 px, 128-channel FPN and heads, small head budgets. Not a paper recipe.
 # Set the weights with --cfg-options model.backbone.init_cfg.checkpoint=PATH (or init_cfg=None).
 _base_ = "mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"
-custom_imports = dict(imports=["spark_det.mmdet"], allow_failed_imports=False)
+custom_imports = dict(imports=["spark_det.mmdet", "spark_det.mmdet.weights_only"], allow_failed_imports=False)
 norm_cfg = dict(type="BN", requires_grad=True)
 model = dict(
     data_preprocessor=dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True),

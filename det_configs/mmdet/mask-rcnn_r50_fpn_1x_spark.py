@@ -2,7 +2,7 @@
 # R50 1x gives 38.2 AP_box / 34.7 AP_mask; the paper reports SparK R50 only with Detectron2.
 # Weights: tools/convert_weights.py encoder-resnet50.pth r50_spark_mmdet.pth --to mmdet
 _base_ = "mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"
-custom_imports = dict(imports=["spark_det.mmdet"], allow_failed_imports=False)
+custom_imports = dict(imports=["spark_det.mmdet", "spark_det.mmdet.weights_only"], allow_failed_imports=False)
 spark_checkpoint = "r50_spark_mmdet.pth"
 norm_cfg = dict(type="SyncBN", requires_grad=True)
 model = dict(

@@ -10,5 +10,4 @@ def add_spark_config(cfg: CfgNode) -> None:
     cfg.MODEL.CONVNEXT = CfgNode()
     cfg.MODEL.CONVNEXT.NAME = "convnext_base"  # any timm ConvNeXt name
     cfg.MODEL.CONVNEXT.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.CONVNEXT.DROP_PATH_RATE = 0.0
-    cfg.MODEL.CONVNEXT.FROZEN_STAGES = -1
+    cfg.MODEL.CONVNEXT.DROP_PATH_RATE = 0.0  # freezing: Detectron2's own MODEL.BACKBONE.FREEZE_AT

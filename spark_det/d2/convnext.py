@@ -19,11 +19,16 @@ FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 
 
 class ConvNeXtBackbone(ConvNeXtPyramid, Backbone):
-    """timm ConvNeXt (any size) returning ``out_features`` among res2..res5 (strides 4..32)."""
+    """timm ConvNeXt (any size) returning ``out_features`` among res2..res5 (strides 4..32).
+
+    ``freeze_at`` is Detectron2's ``MODEL.BACKBONE.FREEZE_AT``: 0 trains everything, 1 freezes the
+    stem, 2 the stem and res2, 3 also res3 (with its downsampling layer), and so on.
+    """
 
     def __init__(self, arch: str, out_features: tuple[str, ...] = FEATURE_NAMES, drop_path_rate: float = 0.0,
-                 frozen_stages: int = -1) -> None:
-        super().__init__(arch, drop_path_rate=drop_path_rate, frozen_stages=frozen_stages)
+                 freeze_at: int = 0) -> None:
+        super().__init__(arch, drop_path_rate=drop_path_rate)
+        self.freeze(stem=freeze_at >= 1, stages=max(0, freeze_at - 1))
         unknown = set(out_features) - set(FEATURE_NAMES)
         if unknown:
             raise ValueError(f"MODEL.CONVNEXT.OUT_FEATURES: unknown {sorted(unknown)}; choose from {FEATURE_NAMES}")
@@ -43,7 +48,7 @@ class ConvNeXtBackbone(ConvNeXtPyramid, Backbone):
 @BACKBONE_REGISTRY.register()
 def build_convnext_backbone(cfg, input_shape: ShapeSpec) -> ConvNeXtBackbone:
     c = cfg.MODEL.CONVNEXT
-    return ConvNeXtBackbone(c.NAME, tuple(c.OUT_FEATURES), c.DROP_PATH_RATE, c.FROZEN_STAGES)
+    return ConvNeXtBackbone(c.NAME, tuple(c.OUT_FEATURES), c.DROP_PATH_RATE, cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 @BACKBONE_REGISTRY.register()

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.solver.build import maybe_add_gradient_clipping
 
 
 def resnet_layer_id(name: str, res4_blocks: int) -> tuple[int, int]:
@@ -82,8 +83,12 @@ def build_layer_decay_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.o
                            "weight_decay": 0.0 if no_decay else cfg.SOLVER.WEIGHT_DECAY}
         groups[key]["params"].append(param)
     params = [groups[k] for k in sorted(groups)]
+    # SOLVER.CLIP_GRADIENTS through Detectron2's own wrapper, as its default optimizer does.
     if cfg.SOLVER.OPTIMIZER == "AdamW":
-        return torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS))
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR,
+                                                                   betas=tuple(cfg.SOLVER.BETAS))
     if cfg.SOLVER.OPTIMIZER == "SGD":
-        return torch.optim.SGD(params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
+        return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(params, lr=cfg.SOLVER.BASE_LR,
+                                                                 momentum=cfg.SOLVER.MOMENTUM,
+                                                                 nesterov=cfg.SOLVER.NESTEROV)
     raise ValueError(f"SOLVER.OPTIMIZER must be AdamW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")

@@ -1,13 +1,13 @@
-"""MMDetection adapter (imported through ``custom_imports`` or tools/train_mmdet.py).
+"""MMDetection adapter (imported through ``custom_imports`` or ``spark-det train-mmdet``).
 
-Registers the ``SparKConvNeXt`` backbone, and a weights-only loader for local checkpoints, so that
-resuming mmengine runs works on torch >= 2.6 without unpickling arbitrary code (mmengine 0.10.7
-calls plain torch.load). ``spark_det.mmdet.train`` is the ``spark-det train-mmdet`` command.
+Importing it registers the ``SparKConvNeXt`` backbone, nothing else. The weights-only loader for
+local checkpoints (resuming mmengine runs on torch >= 2.6 without unpickling arbitrary code;
+mmengine 0.10.7 calls plain torch.load) changes how mmengine loads every local checkpoint of the
+process, so it is opt-in: ``spark-det train-mmdet`` turns it on, and configs run with MMDetection's
+own tools list ``"spark_det.mmdet.weights_only"`` in ``custom_imports`` (the ones in det_configs do).
 """
 
 from .checkpoint import load_local_checkpoint_weights_only, register_weights_only_loader
 from .convnext import SparKConvNeXt
-
-register_weights_only_loader()
 
 __all__ = ["SparKConvNeXt", "load_local_checkpoint_weights_only", "register_weights_only_loader"]

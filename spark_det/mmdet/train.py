@@ -27,7 +27,7 @@ from mmengine.runner import Runner
 
 from ..cli.common import make_parser, run_tool
 from ..errors import EXIT_OK, ConfigError
-from . import register_weights_only_loader
+from .checkpoint import register_weights_only_loader
 
 
 def use_coco(cfg: Config, train: tuple[str, str] | None, val: tuple[str, str] | None) -> None:

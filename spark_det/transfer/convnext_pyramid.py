@@ -30,11 +30,11 @@ class ConvNeXtPyramid(nn.Module):
         name: timm architecture (e.g. 'convnext_base').
         drop_path_rate: stochastic depth of the deepest block (the paper's detection recipe: 0.5
             for ConvNeXt-B at 3x; a 'drop_path_rate' ramp over blocks as in timm).
-        frozen_stages: stages (with their downsampling layer) whose parameters are frozen;
-            -1 freezes nothing, 0 the stem only.
+
+    Freezing follows each framework's own option through :meth:`freeze` (see the backbones).
     """
 
-    def __init__(self, name: str, drop_path_rate: float = 0.0, frozen_stages: int = -1) -> None:
+    def __init__(self, name: str, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if not name.startswith("convnext"):
             raise ValueError(f"ConvNeXtPyramid needs a timm ConvNeXt name, got {name!r} (known: {CONVNEXT_NAMES})")
@@ -44,15 +44,15 @@ class ConvNeXtPyramid(nn.Module):
         self.stages = nn.ModuleList(stage.blocks for stage in model.stages)
         self.channels: list[int] = [int(i["num_chs"]) for i in model.feature_info[-4:]]
         self.strides: list[int] = [int(i["reduction"]) for i in model.feature_info[-4:]]
-        self.frozen_stages = frozen_stages
-        self._freeze()
 
-    def _freeze(self) -> None:
-        for i in range(self.frozen_stages + 1):
-            for module in (self.downsample_layers[i], self.stages[i] if i > 0 else None):
-                if module is not None:
-                    for p in module.parameters():
-                        p.requires_grad = False
+    def freeze(self, stem: bool, stages: int) -> None:
+        """Stop training the stem (``downsample_layers[0]``) and the first ``stages`` stages, each
+        with the downsampling layer in front of it (stage 0 has none but the stem)."""
+        frozen = ([self.downsample_layers[0]] if stem else []) + list(self.stages[:stages])
+        frozen += list(self.downsample_layers[1:stages])
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad = False
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stage outputs at strides 4, 8, 16, 32 (what SparseEncoder returns for all-visible input)."""

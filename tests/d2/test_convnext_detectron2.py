@@ -94,3 +94,24 @@ def test_layer_decay_optimizer_scales_convnext_lrs_by_depth():
     assert lr_of[id(params["backbone.bottom_up.stages.3.0.mlp.fc1.weight"])] == pytest.approx(1e-3 * 0.5)
     assert lr_of[id(params["roi_heads.box_predictor.cls_score.weight"])] == pytest.approx(1e-3)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+
+
+@pytest.mark.parametrize("freeze_at", [0, 1, 2, 3, 5])
+def test_freeze_at_follows_detectron2(freeze_at):
+    """MODEL.BACKBONE.FREEZE_AT: 0 nothing, 1 the stem, 2 stem + res2, k stem + res2..res{k}
+    (each with its downsampling layer)."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import BACKBONE_REGISTRY
+
+    cfg = _cfg("convnext_atto")
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    bottom_up = BACKBONE_REGISTRY.get("build_convnext_backbone")(cfg, ShapeSpec(channels=3))
+
+    def trainable(module):
+        return any(p.requires_grad for p in module.parameters())
+
+    assert trainable(bottom_up.downsample_layers[0]) == (freeze_at < 1)  # the stem
+    for i, stage in enumerate(bottom_up.stages):  # res2 = stages[0], ...
+        assert trainable(stage) == (freeze_at < i + 2), (freeze_at, i)
+        if i > 0:
+            assert trainable(bottom_up.downsample_layers[i]) == (freeze_at < i + 2)

@@ -50,3 +50,32 @@ def test_optimizer_scales_lr_by_decay_power_of_distance_to_the_heads():
     assert lrs[(0, False)] == 0.5 ** (n + 1)  # stem
     assert lrs[(3, False)] == 0.5 ** (n - 2) and lrs[(4, False)] == 0.5 ** (n - 3)
     assert all(g["weight_decay"] == 0 for g in optimizer.param_groups if g["params"][0].ndim <= 1)
+
+
+@pytest.mark.parametrize("optimizer_name", ["AdamW", "SGD"])
+def test_solver_clip_gradients_is_honoured(optimizer_name):
+    import torch
+    from detectron2.config import get_cfg
+
+    from spark_det.d2 import add_spark_config, build_layer_decay_optimizer
+
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Module()
+    model.backbone.bottom_up = torch.nn.Module()
+    model.backbone.bottom_up.stem = torch.nn.Conv2d(2, 2, 1)
+    cfg = get_cfg()
+    add_spark_config(cfg)
+    cfg.SOLVER.OPTIMIZER = optimizer_name
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE, cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = "value", 1e-3
+    optimizer = build_layer_decay_optimizer(cfg, model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    optimizer.step()
+    assert all(p.grad.abs().max() <= 1e-3 for p in model.parameters())  # clipped before the step
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    optimizer = build_layer_decay_optimizer(cfg, model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    optimizer.step()
+    assert all(p.grad.abs().min() == 100.0 for p in model.parameters())

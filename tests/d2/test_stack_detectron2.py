@@ -1,5 +1,7 @@
 """Smoke test of the Detectron2 stack: Mask R-CNN R50-FPN trains and evaluates on CPU."""
 
+from pathlib import Path
+
 import torch
 
 from spark_det.demo.synthetic import make_dataset
@@ -9,12 +11,19 @@ from frameworks import require
 require("detectron2")
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def _tiny_cfg(data, out_dir):
-    from detectron2 import model_zoo
+    # The repo's self-contained R50-FPN config, not detectron2.model_zoo (which imports pkg_resources,
+    # gone in setuptools >= 81, on Detectron2 main).
     from detectron2.config import get_cfg
 
+    from spark_det.d2 import add_spark_config
+
     cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    add_spark_config(cfg)
+    cfg.merge_from_file(str(ROOT / "det_configs/detectron2/mask_rcnn_R_50_FPN_1x_scratch.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.BACKBONE.FREEZE_AT = 0

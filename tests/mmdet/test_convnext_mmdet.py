@@ -63,3 +63,41 @@ def test_mmdetections_layer_decay_constructor_assigns_convnext_layer_ids():
     assert lr_of[id(params["backbone.stages.2.4.mlp.fc1.weight"])] == pytest.approx(0.5**3)
     assert lr_of[id(params["backbone.stages.3.1.mlp.fc2.weight"])] == pytest.approx(0.5**1)
     assert lr_of[id(params["neck.weight"])] == pytest.approx(1.0)
+
+
+def _trainable_by_stage(backbone) -> list[tuple[bool, bool]]:
+    """(downsampling layer trainable, stage trainable) for each of the 4 stages."""
+    def trainable(module):
+        return any(p.requires_grad for p in module.parameters())
+
+    return [(trainable(d), trainable(s)) for d, s in zip(backbone.downsample_layers, backbone.stages)]
+
+
+@pytest.mark.parametrize("frozen_stages,expected_frozen", [(-1, 0), (0, 0), (1, 1), (2, 2), (4, 4)])
+def test_frozen_stages_follows_mmdetections_convnext(frozen_stages, expected_frozen):
+    """mmpretrain's ConvNeXt: frozen_stages=k freezes stages 0..k-1 with their downsampling layers
+    (the stem in front of stage 0)."""
+    from mmdet.registry import MODELS
+
+    import spark_det.mmdet  # noqa: F401
+
+    backbone = MODELS.build(dict(type="SparKConvNeXt", arch="convnext_atto", frozen_stages=frozen_stages))
+    expected = [(i >= expected_frozen, i >= expected_frozen) for i in range(4)]
+    assert _trainable_by_stage(backbone) == expected
+
+
+def test_the_weights_only_loader_is_opt_in():
+    import subprocess
+    import sys
+
+    code = """
+from mmengine.runner.checkpoint import CheckpointLoader
+before = dict(CheckpointLoader._schemes)
+import spark_det.mmdet
+assert CheckpointLoader._schemes == before, "importing spark_det.mmdet changed mmengine's loaders"
+import spark_det.mmdet.weights_only
+from spark_det.mmdet.checkpoint import load_local_checkpoint_weights_only
+assert CheckpointLoader._schemes[""] is load_local_checkpoint_weights_only
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
