@@ -50,7 +50,7 @@ def train_one_epoch(
     from iteration ``start_iter`` of ``epoch`` to the end of the epoch.
 
     ``on_iteration(global_iter, metrics)`` is called after every optimizer step (logging,
-    checkpoints); it may raise StopIteration to end the run early.
+    checkpoints); an exception it raises ends the run (the Pretrainer stops at ``stop_after_iters`` so).
     """
     model.train()
     grid = None

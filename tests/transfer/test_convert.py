@@ -5,11 +5,12 @@ import pickle
 import pytest
 import timm
 import torch
-from release_fixtures import original_convnext_names
 
 from spark_det.cli import convert as convert_weights
 from spark_det.io import save_atomic
 from spark_det.transfer.layouts import original_convnext_to_timm
+
+from release_fixtures import original_convnext_names
 
 
 def test_original_convnext_naming_round_trips_to_timm():

@@ -4,7 +4,6 @@ convert and start pretraining with every tensor accounted for."""
 import pytest
 import timm
 import torch
-from release_fixtures import official_encoder, official_with_decoder
 
 from spark_det.cli import convert as convert_cli
 from spark_det.io import save_atomic
@@ -12,6 +11,9 @@ from spark_det.model import create_spark
 from spark_det.train.checkpoint import load_init_weights
 from spark_det.transfer.convnext_pyramid import ConvNeXtPyramid
 from spark_det.transfer.layouts import timm_encoder_state
+
+from frameworks import assert_same_features
+from release_fixtures import official_encoder, official_with_decoder
 
 
 def test_the_convnext_fixture_has_the_official_key_set():
@@ -39,9 +41,14 @@ def test_convnext_releases_convert_to_every_target_with_every_backbone_tensor_fr
             for k, v in written.items():
                 assert torch.equal(v, expected[k]), k
         else:
-            pyramid = ConvNeXtPyramid("convnext_atto")
+            pyramid = ConvNeXtPyramid("convnext_atto").eval()
             pyramid.load_state_dict(written["state_dict"], strict=True)  # every backbone tensor, from the file
             assert set(written["state_dict"]) == set(pyramid.state_dict())
+            spark = create_spark("convnext_atto", decoder_width=64)
+            load_init_weights(spark, src)  # the same release as the start of a pretraining run
+            x = torch.randn(2, 3, 64, 96)
+            with torch.no_grad():
+                assert_same_features(pyramid.forward_pyramid(x), spark.encoder.eval()(x))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "convnext_atto"])
