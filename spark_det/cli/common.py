@@ -33,15 +33,19 @@ def add_output(parser: argparse.ArgumentParser, help: str, positional: Optional[
     parser.set_defaults(_output_positional=positional, _output_default=default)
 
 
-def resolve_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """The output from ``--output`` or the positional form; exactly one of them, or the default."""
-    positional = getattr(args, args._output_positional) if args._output_positional else None
+def parse_with_output(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                      intermixed: bool = False) -> argparse.Namespace:
+    """Parse ``argv``; ``args.output`` is then the output from ``--output`` or the positional form
+    (exactly one of them) or the default, and is required."""
+    args = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
+    name, default = args.__dict__.pop("_output_positional"), args.__dict__.pop("_output_default")
+    positional = args.__dict__.pop(name) if name else None
     if positional and args.output and positional != args.output:
-        parser.error(f"give the output once: {args._output_positional.upper()} or --output, not both")
-    output = args.output or positional or args._output_default
-    if not output:
+        parser.error(f"give the output once: {name.upper()} or --output, not both")
+    args.output = args.output or positional or default
+    if not args.output:
         parser.error("the output is required: --output PATH")
-    return output
+    return args
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:

@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import EXIT_OK
-from .common import add_output, make_parser, resolve_output, run_tool
+from .common import add_output, make_parser, parse_with_output, run_tool
 
 
 def build_parser():
@@ -34,11 +34,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..transfer.convert import convert, write_converted
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    dst = resolve_output(parser, args)
+    args = parse_with_output(parser, argv)
     arch, converted, count = convert(load_file(args.src), args.to, args.arch)
-    write_converted(converted, args.to, dst)
-    print(f"{arch}: {count} tensors -> {args.to} ({dst})")
+    write_converted(converted, args.to, args.output)
+    print(f"{arch}: {count} tensors -> {args.to} ({args.output})")
     if args.to == "timm" and not any(k.startswith("head.") for k in converted):
         print("note: the file has no head.* tensors (the paper's ConvNeXt encoders have an identity final norm); "
               "load with strict=False: no feature uses them")

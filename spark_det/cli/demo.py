@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import EXIT_OK
-from .common import add_output, make_parser, resolve_output, run_tool
+from .common import add_output, make_parser, parse_with_output, run_tool
 
 
 def build_parser():
@@ -43,9 +43,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..demo.pipeline import DemoSettings, run_demo
 
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    args["output"] = resolve_output(parser, argparse.Namespace(**args))
-    run_demo(DemoSettings(**{k: v for k, v in args.items() if not k.startswith("_")}))
+    run_demo(DemoSettings(**vars(parse_with_output(parser, argv))))
     return EXIT_OK
 
 

@@ -9,7 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import EXIT_OK
-from .common import add_output, make_parser, resolve_output, run_tool
+from .common import add_output, make_parser, parse_with_output, run_tool
 
 
 def build_parser():
@@ -28,11 +28,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..demo.synthetic import make_dataset
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    root = resolve_output(parser, args)
+    args = parse_with_output(parser, argv)
     if min(args.num_train, args.num_val, args.num_unlabeled) < 0 or min(args.image_size) < 16:
         parser.error("image counts must be >= 0 and image sides >= 16 pixels")
-    paths = make_dataset(root, args.num_train, args.num_val, args.num_unlabeled, tuple(args.image_size), args.seed)
+    paths = make_dataset(args.output, args.num_train, args.num_val, args.num_unlabeled, tuple(args.image_size),
+                         args.seed)
     for name, path in paths.items():
         print(f"{name:13s} {path}")
     return EXIT_OK

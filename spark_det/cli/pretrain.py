@@ -19,7 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import EXIT_OK
-from .common import add_output, make_parser, resolve_output, run_tool
+from .common import add_output, make_parser, parse_with_output, run_tool
 
 
 def build_parser():
@@ -41,11 +41,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..train.distributed import cleanup
 
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)  # key=value overrides may stand anywhere
-    output = resolve_output(parser, args)
+    args = parse_with_output(parser, argv, intermixed=True)  # key=value overrides may stand anywhere
     cfg = load_config(args.recipe, args.overrides)
     try:
-        Pretrainer(cfg, args.data, output, resume=args.resume, init_weights=args.init_weights,
+        Pretrainer(cfg, args.data, args.output, resume=args.resume, init_weights=args.init_weights,
                    device=args.device).run()
     finally:
         cleanup()

@@ -11,7 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import EXIT_OK
-from .common import add_output, make_parser, resolve_output, run_tool
+from .common import add_output, make_parser, parse_with_output, run_tool
 
 
 def build_parser():
@@ -29,9 +29,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..train.visualize import reconstruction_grid_from_checkpoint
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    output = resolve_output(parser, args)
-    path, count, cfg = reconstruction_grid_from_checkpoint(args.checkpoint, args.images, output,
+    args = parse_with_output(parser, argv)
+    path, count, cfg = reconstruction_grid_from_checkpoint(args.checkpoint, args.images, args.output,
                                                            args.num_images, args.seed)
     print(f"wrote {path} ({count} images, {cfg['model']}, mask ratio {cfg['mask_ratio']})")
     return EXIT_OK
