@@ -7,6 +7,7 @@
 | 2    | bad arguments, config or data (argparse's own usage errors are 2 as well)   |
 | 3    | training diverged (non-finite loss); the last good checkpoint is kept       |
 | 4    | a file-system error: an output cannot be written (read-only, full disk, ...) |
+| 5    | the run folder is in use by another run (a lock held by a live process)     |
 | 130  | interrupted (Ctrl-C)                                                        |
 
 Library code raises these; :func:`spark_det.cli.common.run_tool` turns them into one ``error:``
@@ -20,6 +21,7 @@ EXIT_BAD_FILE = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_CANNOT_WRITE = 4
+EXIT_LOCKED = 5
 EXIT_INTERRUPTED = 130
 
 
@@ -48,12 +50,23 @@ class DataError(SparkDetError, ValueError):
 
 
 class NonFiniteLossError(SparkDetError, FloatingPointError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+    """Training diverged (a NaN, infinite or huge loss, or non-finite weights); the run stops and
+    keeps its last good checkpoints. ``position`` is the (epoch, iteration) where it was seen."""
 
     exit_code = EXIT_DIVERGED
+
+    def __init__(self, message: str, position: tuple[int, int] = (0, 0)) -> None:
+        super().__init__(message)
+        self.position = position
 
 
 class OutputError(SparkDetError, OSError):
     """An output file or folder cannot be written."""
 
     exit_code = EXIT_CANNOT_WRITE
+
+
+class RunLockedError(SparkDetError):
+    """Another live process owns the run folder; two runs must not share checkpoints and logs."""
+
+    exit_code = EXIT_LOCKED

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from .errors import CheckpointError, OutputError
 
 PathLike = Union[str, Path]
+
+TEMPORARY_SUFFIX = ".tmp"  # write_atomic's temporaries: .<name>.<random>.tmp beside the target
 
 
 def write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
@@ -21,7 +25,7 @@ def write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
@@ -30,10 +34,47 @@ def write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error_in(exc)
+        if cause is None:
+            raise
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise OutputError(f"cannot write {path}: {cause.strerror or cause}{_free_space(path.parent)}{kept}") from exc
     return path
+
+
+def _os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind ``exc``: torch.save reports a full disk as a RuntimeError ("unexpected
+    pos ...") raised while handling the real ``OSError(ENOSPC)`` of the file's write."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)"
+    except OSError:
+        return ""
+
+
+def remove_stale_temporaries(folder: PathLike) -> tuple[int, int]:
+    """Delete the temporaries that killed :func:`write_atomic` calls left in ``folder`` (not its
+    subfolders); only call it while no other process writes there. Returns (files, bytes)."""
+    count = size = 0
+    for tmp in Path(folder).glob(f".*{TEMPORARY_SUFFIX}"):
+        if tmp.is_file():
+            try:
+                nbytes = tmp.stat().st_size
+                tmp.unlink()
+            except OSError:
+                continue
+            count, size = count + 1, size + nbytes
+    return count, size
 
 
 def save_atomic(obj: Any, path: PathLike) -> Path:
@@ -53,13 +94,28 @@ def load_file(path: PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
-        detail = (str(exc).splitlines() or [""])[0][:200]
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(_damaged(path, exc)) from exc
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}{': ' + detail if detail else ''}); "
-            "the file may be truncated (interrupted download or copy) or not a PyTorch checkpoint. "
-            "Files that need pickled code are refused on purpose (weights_only=True)."
+            f"checkpoint {path} holds pickled Python objects, not only tensors"
+            f"{f' (it asks for {found.group(1)})' if found else ''}; spark-det never runs code from a file. "
+            "Save the weights as a plain state dict: torch.save(model.state_dict(), path)"
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
+        raise CheckpointError(_damaged(path, exc)) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
+
+
+def _damaged(path: Path, exc: Exception) -> str:
+    # Only torch's first line: later ones may advise weights_only=False, which runs a file's code.
+    detail = (str(exc).splitlines() or [""])[0][:200]
+    if "weights_only" in detail:
+        detail = ""
+    size = path.stat().st_size if path.exists() else 0
+    what = "the file is empty" if size == 0 else f"{type(exc).__name__}{': ' + detail if detail else ''}"
+    return (f"cannot read checkpoint {path} ({what}); the file may be truncated (an interrupted download, copy or "
+            "write) or not a PyTorch checkpoint")

@@ -13,8 +13,8 @@ from typing import Callable, Optional, Sequence
 
 from ..errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, SparkDetError
 
-EXIT_CODES_HELP = ("exit codes: 0 ok, 1 bad input file, 2 bad arguments/config/data, "
-                   "3 training diverged, 4 file-system error (e.g. cannot write output), 130 interrupted")
+EXIT_CODES_HELP = ("exit codes: 0 ok, 1 bad input file, 2 bad arguments/config/data, 3 training diverged, "
+                   "4 file-system error (e.g. cannot write output), 5 run folder in use by another run, 130 interrupted")
 
 
 def make_parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
@@ -53,7 +53,8 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
     try:
         return main(argv)
     except SparkDetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not getattr(exc, "reported_by_main", False):  # under torchrun the main rank says it once
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 8,
     "seed": 0,
     "save_every_iters": 0,  # 0: checkpoint at epoch ends only
+    "keep_checkpoints": 2,  # checkpoint-last.pth and the ones before it; resume falls back to them
+    "max_loss": 1.0e+4,  # a finite loss above this is divergence too (the paper's loss is ~1); null: off
     "export_every_epochs": 50,
     "vis_every_epochs": 50,
     "vis_images": 8,
@@ -45,11 +47,16 @@ OPTIMIZERS = ("lamb", "adamw")
 # key -> smallest allowed value, for the integer keys
 INTEGER_KEYS = {
     "epochs": 1, "batch_size": 1, "accum_steps": 1, "warmup_epochs": 0, "num_workers": 0, "seed": 0,
-    "save_every_iters": 0, "export_every_epochs": 1, "vis_every_epochs": 1, "vis_images": 0, "log_every": 1,
+    "save_every_iters": 0, "keep_checkpoints": 1, "export_every_epochs": 1, "vis_every_epochs": 1, "vis_images": 0, "log_every": 1,
     "stop_after_iters": 0,
 }
 NON_NEGATIVE_FLOAT_KEYS = ("base_lr", "weight_decay", "weight_decay_end")
-OPTIONAL_NON_NEGATIVE_FLOAT_KEYS = ("lr", "clip_grad", "drop_path_rate")
+OPTIONAL_NON_NEGATIVE_FLOAT_KEYS = ("lr", "clip_grad", "drop_path_rate", "max_loss")
+# Keys that change what a run logs, writes or when it stops, never the weights it trains.
+BOOKKEEPING_KEYS = frozenset({
+    "num_workers", "save_every_iters", "keep_checkpoints", "max_loss", "export_every_epochs", "vis_every_epochs",
+    "vis_images", "log_every", "stop_after_iters",
+})
 
 
 def load_recipe(path: Union[str, Path]) -> dict[str, Any]:
@@ -137,6 +144,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in OPTIONAL_NON_NEGATIVE_FLOAT_KEYS:
         if cfg[key] is not None and (not _is_number(cfg[key]) or cfg[key] < 0):
             raise bad(key, "a number >= 0 or null")
+    if cfg["max_loss"] == 0:
+        raise bad("max_loss", "a number > 0 or null")
     if not _is_number(cfg["mask_ratio"]) or not 0 <= cfg["mask_ratio"] < 1:
         raise bad("mask_ratio", "a number in [0, 1)")
     if cfg["drop_path_rate"] is not None and cfg["drop_path_rate"] >= 1:
@@ -157,3 +166,9 @@ def validate(cfg: dict[str, Any]) -> None:
         raise bad("channels_last", "true or false")
     if not isinstance(cfg["model"], str) or not cfg["model"]:
         raise bad("model", "a timm model name")
+
+
+def same_trajectory(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two configs train the same weights (they differ at most in bookkeeping keys)."""
+    keys = (set(a) | set(b)) - BOOKKEEPING_KEYS
+    return all(a.get(k) == b.get(k) for k in keys)

@@ -65,6 +65,34 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
         return img.convert("RGB")
 
 
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises for bad files
+
+
+def read_images(paths: Sequence[Path], count: int) -> tuple[list[tuple[Path, Image.Image]], list[tuple[Path, str]]]:
+    """The first ``count`` readable images of ``paths`` (as RGB), and (path, reason) for each
+    unreadable one met on the way."""
+    good, bad = [], []
+    for path in paths:
+        if len(good) == count:
+            break
+        try:
+            good.append((path, load_rgb(path)))
+        except UNREADABLE as exc:
+            bad.append((path, str(exc) or type(exc).__name__))
+    return good, bad
+
+
+def require_readable(paths: Sequence[Path], source: object, sample: int = 16) -> None:
+    """Fail fast, before a run writes anything, when none of ``sample`` images spread over the
+    data set can be read (a folder of corrupt files, or files that are not images)."""
+    picks = sorted({round(i * (len(paths) - 1) / max(sample - 1, 1)) for i in range(min(sample, len(paths)))})
+    good, bad = read_images([paths[i] for i in picks], 1)
+    if not good:
+        path, reason = bad[0]
+        raise DataError(f"none of the {len(picks)} images sampled from {source} can be read (e.g. {path}: "
+                        f"{reason}); is the data corrupt, or not images?")
+
+
 def pretrain_transform(input_size: Sequence[int], scale: tuple[float, float] = (0.67, 1.0)) -> transforms.Compose:
     """The paper's augmentation: RandomResizedCrop (bicubic), horizontal flip, ImageNet normalisation."""
     return transforms.Compose([
@@ -79,8 +107,8 @@ class UnlabeledImages(Dataset):
     """Images for pretraining. Items are keyed by (epoch, index); see the module docstring.
 
     A file that cannot be read (corrupt, truncated, not an image) is skipped with a warning and
-    replaced by the next readable one, so batches keep their size; ``item["skipped"]`` counts the
-    skips so the training loop can report them.
+    replaced by the next readable one, so batches keep their size; ``item["skipped"]`` lists the
+    skipped files' indices so the training loop can count distinct unreadable files.
     """
 
     def __init__(self, source: Union[str, Path, Sequence[Path]], input_size: Sequence[int],
@@ -88,8 +116,12 @@ class UnlabeledImages(Dataset):
         self.paths = list(source) if isinstance(source, (list, tuple)) else find_images(source)
         if not self.paths:
             raise DataError("no images given")
+        self.source = source if not isinstance(source, (list, tuple)) else "the given paths"
         self.transform = pretrain_transform(input_size, scale)
         self.seed = seed
+
+    def require_readable(self, sample: int = 16) -> None:
+        require_readable(self.paths, self.source, sample)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -97,24 +129,27 @@ class UnlabeledImages(Dataset):
     def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         attempts = min(len(self.paths), 100)
-        for skipped in range(attempts):
-            path = self.paths[(index + skipped) % len(self.paths)]
+        skipped: list[int] = []
+        for offset in range(attempts):
+            position = (index + offset) % len(self.paths)
             try:
-                image = load_rgb(path)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-                warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+                image = load_rgb(self.paths[position])
+            except UNREADABLE as exc:
+                warnings.warn(f"skipping unreadable image {self.paths[position]}: {exc}", stacklevel=2)
+                skipped.append(position)
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, epoch, index))
                 tensor = self.transform(image)
             return {"image": tensor, "skipped": skipped, "key": (epoch, index)}
-        raise DataError(f"{attempts} consecutive unreadable images from {self.paths[index]}: is the data corrupt?")
+        raise DataError(f"{attempts} consecutive images from {self.paths[index]} on cannot be read: is the data "
+                        "corrupt?")
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack a batch's images; sum its skipped-file counts; keep its (epoch, index) keys."""
+    """Stack a batch's images; gather the indices of the files it skipped; keep its (epoch, index) keys."""
     return {
         "image": torch.stack([it["image"] for it in items]),
-        "skipped": sum(it["skipped"] for it in items),
+        "skipped": [index for it in items for index in it["skipped"]],
         "key": [it["key"] for it in items],
     }

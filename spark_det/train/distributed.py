@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..errors import SparkDetError
 from ..sparse.convert import enable_sparse_sync_batchnorm
 from ..sparse.layers import SparseLayer, retype
 from ..sparse.norms import sparse_batch_norm
@@ -97,6 +98,42 @@ def sync_batchnorms(model: nn.Module, use_torch_sync: bool) -> nn.Module:
     _replace_dense_batchnorms(model, make)
     assert_still_sparse(model, before)
     return model
+
+
+T = TypeVar("T")
+
+
+def on_main_rank(work: Callable[[], T], info: DistInfo) -> T | None:
+    """Run ``work`` on the main rank only. A user error it raises is raised on every rank (the
+    other ranks' copies are marked ``reported_by_main``, so only one line is printed), so no rank
+    is left waiting in a collective for a rank that has stopped. Returns ``work``'s result on
+    the main rank, None elsewhere."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = work()
+        except SparkDetError as exc:
+            error = exc
+    if info.distributed:
+        box = [(type(error), str(error)) if error is not None else None]
+        dist.broadcast_object_list(box, src=0)  # pickles the error class: our own process group, not a file
+        if box[0] is not None and error is None:
+            error = box[0][0](box[0][1])
+            error.reported_by_main = True
+    if error is not None:
+        raise error
+    return result
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (one tiny all-reduce when distributed)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([0 if flag else 1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value)
+    return int(value.item()) == 0
 
 
 def barrier() -> None:

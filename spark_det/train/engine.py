@@ -45,12 +45,16 @@ def train_one_epoch(
     scaler: Optional[torch.amp.GradScaler] = None,
     channels_last: bool = False,
     on_iteration: Optional[Callable[[int, dict], None]] = None,
+    max_loss: Optional[float] = None,
 ) -> None:
     """Train ``model`` (SparK, possibly DDP-wrapped as ``model``; ``spark`` is the bare module)
     from iteration ``start_iter`` of ``epoch`` to the end of the epoch.
 
     ``on_iteration(global_iter, metrics)`` is called after every optimizer step (logging,
     checkpoints); an exception it raises ends the run (the Pretrainer stops at ``stop_after_iters`` so).
+    ``metrics["skipped_files"]`` lists the indices of the unreadable files the batch skipped.
+    A loss that is not finite, or above ``max_loss``, raises :class:`NonFiniteLossError` before
+    the step is taken, on every rank at once.
     """
     model.train()
     grid = None
@@ -84,11 +88,10 @@ def train_one_epoch(
             dist.all_reduce(step_loss)
             step_loss /= dist.get_world_size()
         loss_value = step_loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {epoch} iteration {i} (lr {lr:.3g}); stopping. The last "
-                "good checkpoint is kept: lower the lr, raise warm-up, or use bf16 instead of fp16"
-            )
+        if not math.isfinite(loss_value) or (max_loss is not None and loss_value > max_loss):
+            above = f" (above max_loss {max_loss:g})" if math.isfinite(loss_value) else ""
+            raise NonFiniteLossError(f"loss is {loss_value:.4g}{above} at epoch {epoch} iteration {i} (lr {lr:.3g})",
+                                     position=(epoch, i))
 
         if scaler:
             scaler.unscale_(optimizer)
@@ -105,7 +108,7 @@ def train_one_epoch(
         metrics = {
             "epoch": epoch, "iter": i, "global_iter": it, "loss": loss_value, "lr": lr, "wd": wd,
             "grad_norm": float(grad_norm), "images_per_s": images.shape[0] / max(now - tick, 1e-9),
-            "skipped_images": int(batch["skipped"]),
+            "skipped_files": sorted(set(batch["skipped"])),
         }
         if device.type == "cuda":
             metrics["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -8,8 +8,14 @@
 
 Everything a user can get wrong is checked while the run is built, before any output is
 written. Under torchrun every rank builds the same Pretrainer; only the main rank writes.
-Outputs: config.yaml, checkpoint-last.pth (resumable), encoder-<model>.pth, metrics.jsonl,
-tensorboard/ and reconstruction-epochNNN.png.
+Outputs: config.yaml, checkpoint-last.pth (resumable) and the checkpoints before it,
+encoder-<model>.pth, metrics.jsonl, tensorboard/ and reconstruction-epochNNN.png
+(:mod:`.run_dir` describes the folder).
+
+Faults lose nothing: the folder is locked to one run; checkpoints are written atomically and
+only when every weight is finite; a resume falls back to an older checkpoint when the newest
+cannot be read, drops temporaries and metric lines a kill left behind, and writes the outputs
+a killed run had not written yet (so resuming a finished run completes it).
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, ConfigError
-from ..io import PathLike, load_file, save_atomic, write_atomic
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..io import PathLike, save_atomic, write_atomic
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
-from .checkpoint import LAST_CHECKPOINT, latest_checkpoint, load_init_weights, rng_state, set_rng_state
+from .checkpoint import LAST_CHECKPOINT, load_init_weights, rng_state, set_rng_state
+from .config import same_trajectory
 from .data import UnlabeledImages, collate
-from .distributed import barrier, init_distributed, sync_batchnorms
+from .distributed import all_true, init_distributed, on_main_rank, sync_batchnorms
 from .engine import train_one_epoch
 from .optim import build_optimizer
 from .progress import ProgressLog
+from .run_dir import METRICS, Position, RunDirectory, RunLock, load_run_checkpoint
 from .sampler import EpochSampler
 from .schedule import Schedule
 from .visualize import save_reconstruction_grid
@@ -55,7 +63,7 @@ class PretrainResult:
     epoch: int  # epochs completed
     iteration: int  # optimizer steps completed in all
     stopped_early: bool
-    skipped_images: int
+    skipped_images: int  # distinct unreadable files met
     last_loss: Optional[float]
 
 
@@ -65,8 +73,8 @@ class Pretrainer:
     Args:
         config: a resolved config (:func:`spark_det.train.load_config`).
         data: a folder of images (searched recursively) or a text file listing image paths.
-        output: the run directory.
-        resume: 'auto' (``checkpoint-last.pth`` in ``output``, if any) or a checkpoint path.
+        output: the run directory; owned by this run (locked) from construction to the end of :meth:`run`.
+        resume: 'auto' (the newest readable checkpoint in ``output``, if any) or a checkpoint path.
         init_weights: start a new run from a spark-det full/encoder checkpoint or the paper's files.
         device: 'auto', 'cpu' or 'cuda'.
         log: where the main rank's messages go (``print`` by default).
@@ -85,6 +93,7 @@ class Pretrainer:
                               f"{world} x {cfg['accum_steps']}")
         self.per_rank_batch = cfg["batch_size"] // world
         self.dataset = UnlabeledImages(data, cfg["input_size"], seed=cfg["seed"])
+        self.dataset.require_readable()
         self.sampler = EpochSampler(len(self.dataset), self.per_rank_batch, self.dist.rank, world, seed=cfg["seed"])
         self.iters_per_epoch = self.sampler.batches_per_epoch
 
@@ -109,7 +118,18 @@ class Pretrainer:
         self.schedule = Schedule(self.total_iters, cfg["warmup_epochs"] * self.iters_per_epoch, self.peak_lr,
                                  cfg["weight_decay"], cfg["weight_decay_end"])
         self.start_epoch, self.start_iter = 0, 0
-        self._resume(resume)
+        self.skipped: set[int] = set()  # indices of the distinct unreadable files met so far
+
+        # Everything above only read; from here on the folder is this run's.
+        self.run_dir = RunDirectory(self.output, cfg["keep_checkpoints"], self.log)
+        self._lock = RunLock(self.output)
+        try:
+            on_main_rank(lambda: self._take_folder(resume), self.dist)
+            self._resume(resume)
+            on_main_rank(self._tidy_folder, self.dist)
+        except BaseException:
+            self.close()
+            raise
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -123,88 +143,190 @@ class Pretrainer:
             raise ConfigError(f"{cfg['model']}: {exc}") from exc
         return spark
 
+    def _take_folder(self, resume: Optional[str]) -> None:
+        previous = self._lock.acquire()
+        if previous:
+            self.log(f"[pretrain] took over the lock of a run that is no longer alive ({previous})")
+        if resume is None and self.run_dir.checkpoints():
+            raise ConfigError(f"{self.output} already holds a run ({self.run_dir.describe()}); continue it with "
+                              "--resume auto, or choose another --output")
+
     def _resume(self, resume: Optional[str]) -> None:
         if resume is None:
             return
-        path = latest_checkpoint(self.output) if resume == "auto" else Path(resume)
-        if path is None:
-            self.log(f"[pretrain] no checkpoint in {self.output}: starting from scratch")
-            return
-        ckpt = load_file(path)
-        missing = [k for k in ("model", "optimizer", "epoch", "iter", "rng") if k not in ckpt]
-        if missing:
-            raise CheckpointError(f"{path} is not a spark-det run checkpoint (no {missing}); "
-                                  "use --init-weights to start a new run from weights")
+        if resume == "auto":
+            found = self.run_dir.load_latest()
+            if found is None:
+                self.log(f"[pretrain] no checkpoint in {self.output}: starting from scratch")
+                return
+            path, ckpt = found
+        else:
+            path = Path(resume).expanduser()
+            ckpt = load_run_checkpoint(path)
         try:
             self.spark.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"{path} holds another model than {self.cfg['model']}: "
-                                  f"{str(exc).splitlines()[0]}") from exc
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+                                  f"{(str(exc).splitlines() or [''])[0]}") from exc
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: its optimizer state does not fit optimizer={self.cfg['optimizer']} "
+                                  f"({exc})") from exc
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.start_iter = ckpt["epoch"], ckpt["iter"]
+        self.skipped = set(ckpt.get("skipped_files", []))
         rng = ckpt["rng"]
         set_rng_state(rng[self.dist.rank] if isinstance(rng, list) else rng)
         if self.start_iter >= self.iters_per_epoch:
             self.start_epoch, self.start_iter = self.start_epoch + 1, 0
+        if resume != "auto":
+            on_main_rank(lambda: self._set_aside_later_checkpoints(path, (ckpt["epoch"], ckpt["iter"])), self.dist)
         self.init_note = f"resumed from {path} at epoch {self.start_epoch} iteration {self.start_iter}"
+
+    def _set_aside_later_checkpoints(self, resumed: Path, position: Position) -> None:
+        """Resuming from an earlier checkpoint abandons the folder's later ones; they are moved
+        into a subfolder, not deleted, and never mistaken for this run's newest."""
+        later = self.run_dir.later_than(position, keep=resumed)
+        if later:
+            moved = self.run_dir.set_aside(later)
+            self.log(f"[pretrain] resuming from an earlier point: moved {len(later)} later checkpoint(s) to {moved}")
+
+    def _tidy_folder(self) -> None:
+        position = (self.start_epoch, self.start_iter)
+        self.run_dir.refuse_repeating_divergence(self.cfg, position, same_trajectory)
+        self.run_dir.clean_temporaries()
+        self.run_dir.rewind_metrics(position)
+
+    def close(self) -> None:
+        """Release the run folder (done by :meth:`run` when it ends)."""
+        if self.dist.is_main:
+            self._lock.release()
 
     # ------------------------------------------------------------------------------------------
     # Outputs
 
     def save_checkpoint(self, epoch: int, next_iter: int) -> None:
-        """Everything a resumed run needs, written atomically by the main rank."""
-        rngs: list = [None] * self.dist.world_size
+        """Everything a resumed run needs, written atomically by the main rank, and only if every
+        weight, statistic and optimizer moment is finite (otherwise training has diverged)."""
+        mine = (rng_state(), sorted(self.skipped))
+        gathered: list = [None] * self.dist.world_size
         if self.dist.distributed:
-            torch.distributed.all_gather_object(rngs, rng_state())
+            torch.distributed.all_gather_object(gathered, mine)
         else:
-            rngs = [rng_state()]
-        if self.dist.is_main:
-            save_atomic({
-                "model": self.spark.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": epoch, "iter": next_iter,
-                "rng": rngs, "config": self.cfg, "arch": self.cfg["model"], "input_size": list(self.cfg["input_size"]),
-            }, self.output / LAST_CHECKPOINT)
+            gathered = [mine]
+        self.skipped = set().union(*(set(files) for _, files in gathered))
+        if not all_true(self._state_is_finite()):
+            raise NonFiniteLossError(f"weights or BatchNorm statistics are not finite at epoch {epoch} iteration "
+                                     f"{next_iter} (no checkpoint written)", position=(epoch, next_iter))
+        state = {
+            "model": self.spark.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": epoch, "iter": next_iter,
+            "rng": [rng for rng, _ in gathered], "skipped_files": sorted(self.skipped), "config": self.cfg,
+            "arch": self.cfg["model"], "input_size": list(self.cfg["input_size"]),
+        }
+        on_main_rank(lambda: self.run_dir.save(state, (epoch, next_iter)), self.dist)
 
-    def export_encoder(self, tag: str = "") -> Path:
-        """The encoder as a plain timm state dict: ``encoder-<model><tag>.pth``."""
-        return save_atomic(self.spark.encoder.dense_state_dict(), self.output / f"encoder-{self.cfg['model']}{tag}.pth")
+    def _state_is_finite(self) -> bool:
+        tensors = [t for t in self.spark.state_dict().values() if t.is_floating_point()]
+        tensors += [t for moments in self.optimizer.state.values() for t in moments.values()
+                    if torch.is_tensor(t) and t.is_floating_point()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def encoder_path(self, epochs_done: Optional[int] = None) -> Path:
+        """``encoder-<model>.pth`` (the final export) or ``encoder-<model>-epochNNN.pth``."""
+        tag = f"-epoch{epochs_done:03d}" if epochs_done is not None else ""
+        return self.output / f"encoder-{self.cfg['model']}{tag}.pth"
+
+    def export_encoder(self, path: Optional[Path] = None) -> Path:
+        """The encoder as a plain timm state dict (``timm.create_model(model, num_classes=0)`` loads it)."""
+        return save_atomic(self.spark.encoder.dense_state_dict(), path or self.encoder_path())
+
+    def _write_epoch_outputs(self, epochs_done: int, preview: Optional[torch.Tensor],
+                             only_missing: bool = False) -> list[Path]:
+        """The exports and reconstruction grid due after ``epochs_done`` epochs; with
+        ``only_missing`` just those a killed run had not written (the files are atomic: one that
+        exists is complete)."""
+        cfg, final = self.cfg, epochs_done == self.cfg["epochs"]
+        due: list[tuple[Path, Callable[[Path], Any]]] = []
+        if final or epochs_done % cfg["export_every_epochs"] == 0:
+            due.append((self.encoder_path(None if final else epochs_done), self.export_encoder))
+        if preview is not None and (final or epochs_done % cfg["vis_every_epochs"] == 0):
+            due.append((self.output / f"reconstruction-epoch{epochs_done:03d}.png",
+                        lambda path: save_reconstruction_grid(self.spark, preview.to(self.device), path)))
+        written = []
+        for path, write in due:
+            if not (only_missing and path.exists()):
+                written.append(write(path))
+        return written
 
     def _write_config(self) -> None:
         text = yaml.safe_dump({**self.cfg, "data": str(self.data), "world_size": self.dist.world_size})
         write_atomic(self.output / "config.yaml", lambda f: f.write(text.encode()))
 
+    def _divergence_message(self, exc: NonFiniteLossError) -> str:
+        kept = self.run_dir.checkpoints()
+        lower = f"lr={self.peak_lr / 4:.3g} warmup_epochs={max(1, self.cfg['warmup_epochs'] * 2)}"
+        if not kept:
+            advice = f"no checkpoint was written yet: start again with a smaller lr or a longer warm-up, e.g. {lower}"
+        else:
+            advice = (f"kept checkpoints: {self.run_dir.describe()}; resume from the earliest with a smaller lr or a "
+                      f"longer warm-up, e.g. --resume {kept[-1]} {lower}")
+        return f"training diverged: {exc}; {advice}"
+
     # ------------------------------------------------------------------------------------------
     # The run
 
     def run(self) -> PretrainResult:
-        """Train to the end of the schedule (or to ``stop_after_iters``); raises
-        :class:`~spark_det.errors.NonFiniteLossError` if the loss diverges."""
+        """Train to the end of the schedule (or to ``stop_after_iters``) and write every output;
+        raises :class:`~spark_det.errors.NonFiniteLossError` if training diverges."""
+        try:
+            return self._run()
+        except NonFiniteLossError as exc:
+            message = self._divergence_message(exc)
+            on_main_rank(lambda: self.run_dir.record_divergence(self.cfg, exc.position, message), self.dist)
+            raise NonFiniteLossError(message, exc.position) from None
+        finally:
+            self.close()
+
+    def _preview_images(self) -> Optional[torch.Tensor]:
+        count = min(self.cfg["vis_images"], len(self.dataset))
+        return torch.stack([self.dataset[(0, i)]["image"] for i in range(count)]) if count else None
+
+    def _run(self) -> PretrainResult:
         cfg, is_main = self.cfg, self.dist.is_main
-        if is_main:
-            self._write_config()
+        on_main_rank(self._write_config, self.dist)
         self.log(f"[pretrain] {cfg['model']} on {len(self.dataset)} images, {self.dist.world_size} process(es) on "
                  f"{self.device}, global batch {cfg['batch_size']} ({self.per_rank_batch}/rank, {cfg['accum_steps']} "
                  f"accumulation step(s)), {self.iters_per_epoch} it/epoch x {cfg['epochs']} epochs, peak lr "
                  f"{self.peak_lr:.3g}; {self.init_note}")
+        preview = self._preview_images()
+        if self.start_epoch > 0 and self.start_iter == 0:  # resumed at an epoch end: finish what a kill cut short
+            written = on_main_rank(lambda: self._write_epoch_outputs(self.start_epoch, preview, only_missing=True),
+                                   self.dist)
+            if written:
+                self.log(f"[pretrain] wrote {', '.join(p.name for p in written)}, which the interrupted run had "
+                         "not written")
+        start = self.start_epoch * self.iters_per_epoch + self.start_iter
+        if start >= self.total_iters:
+            self.log(f"[pretrain] training was already complete ({cfg['epochs']} epochs)")
         writer, metrics_file = None, None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(self.output / "tensorboard"))
-            metrics_file = open(self.output / "metrics.jsonl", "a")
-        vis_count = min(cfg["vis_images"], len(self.dataset))
-        vis_images = torch.stack([self.dataset[(0, i)]["image"] for i in range(vis_count)]) if vis_count else None
-        progress = ProgressLog(self.total_iters, self.start_epoch * self.iters_per_epoch + self.start_iter,
-                               cfg["log_every"], self.iters_per_epoch, enabled=is_main)
-        state = {"skipped": 0, "loss": None, "done": progress.done, "epoch": self.start_epoch}
+            # purge_step drops events a killed run logged after its checkpoint (as rewind_metrics does)
+            writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=start or None)
+            metrics_file = open(self.output / METRICS, "a")
+        progress = ProgressLog(self.total_iters, start, cfg["log_every"], self.iters_per_epoch, enabled=is_main)
+        state = {"loss": None, "done": progress.done, "epoch": self.start_epoch}
 
         def on_iteration(it: int, metrics: dict) -> None:
             epoch, i = metrics["epoch"], metrics["iter"]
-            state["skipped"] += metrics["skipped_images"]
+            batch_skipped = metrics.pop("skipped_files")
+            self.skipped.update(batch_skipped)
+            metrics["skipped_images"], metrics["skipped_total"] = len(batch_skipped), len(self.skipped)
             state["loss"], state["done"] = metrics["loss"], it + 1
-            metrics["skipped_total"] = state["skipped"]
             progress.update(metrics)
             if is_main:
                 metrics_file.write(json.dumps(metrics) + "\n")
@@ -218,7 +340,7 @@ class Pretrainer:
                 self.save_checkpoint(epoch, i + 1)
                 raise _StopRequested
 
-        encoder, stopped = None, False
+        stopped = False
         try:
             for epoch in range(self.start_epoch, cfg["epochs"]):
                 first = self.start_iter if epoch == self.start_epoch else 0
@@ -228,17 +350,11 @@ class Pretrainer:
                                     pin_memory=self.device.type == "cuda", drop_last=True)
                 train_one_epoch(self.model, self.spark, loader, self.optimizer, self.schedule, epoch,
                                 self.iters_per_epoch, first, self.device, cfg["seed"], cfg["accum_steps"],
-                                cfg["clip_grad"], self.amp_dtype, self.scaler, cfg["channels_last"], on_iteration)
+                                cfg["clip_grad"], self.amp_dtype, self.scaler, cfg["channels_last"], on_iteration,
+                                max_loss=cfg["max_loss"])
                 self.save_checkpoint(epoch + 1, 0)
                 state["epoch"] = epoch + 1
-                last = epoch + 1 == cfg["epochs"]
-                if is_main and (last or (epoch + 1) % cfg["export_every_epochs"] == 0):
-                    path = self.export_encoder("" if last else f"-epoch{epoch + 1:03d}")
-                    encoder = path if last else encoder
-                if is_main and vis_images is not None and (last or (epoch + 1) % cfg["vis_every_epochs"] == 0):
-                    save_reconstruction_grid(self.spark, vis_images.to(self.device),
-                                             self.output / f"reconstruction-epoch{epoch + 1:03d}.png")
-                barrier()
+                on_main_rank(lambda: self._write_epoch_outputs(epoch + 1, preview), self.dist)
         except _StopRequested:
             stopped = True
             self.log(f"[pretrain] stopped after {cfg['stop_after_iters']} iterations (stop_after_iters); "
@@ -249,8 +365,12 @@ class Pretrainer:
                 metrics_file.close()
             if writer:
                 writer.close()
-        self.log(f"[pretrain] done; {state['skipped']} unreadable image(s) skipped; outputs in {self.output}")
-        return PretrainResult(self.output, encoder, state["epoch"], state["done"], stopped, state["skipped"],
+        encoder = None
+        if not stopped:
+            encoder = self.encoder_path()
+            on_main_rank(self.run_dir.clear_divergence, self.dist)
+        self.log(f"[pretrain] done; {len(self.skipped)} unreadable image file(s) skipped; outputs in {self.output}")
+        return PretrainResult(self.output, encoder, state["epoch"], state["done"], stopped, len(self.skipped),
                               state["loss"])
 
 

@@ -113,10 +113,11 @@ def test_odd_and_broken_images_are_converted_or_skipped_and_counted(tmp_path, ca
     assert np.asarray(load_rgb(data / "deep16.png")).max() > 200  # 16-bit scaled, not saturated or black
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        assert run(data, out, "epochs=1", "batch_size=9", "warmup_epochs=0", "input_size=[64,64]") == 0
-    skipped = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["skipped_total"]
-    assert skipped == 2  # corrupt.jpg and truncated.jpg, each met once in the single epoch
-    assert "2 unreadable image(s) skipped" in capsys.readouterr().out
+        assert run(data, out, "epochs=2", "batch_size=9", "warmup_epochs=0", "input_size=[64,64]") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in records] == [2, 2]  # corrupt.jpg and truncated.jpg, met in each epoch
+    assert records[-1]["skipped_total"] == 2  # ... but they are two files
+    assert "2 unreadable image file(s) skipped" in capsys.readouterr().out
 
 
 def test_empty_or_missing_data_fails_fast_with_a_clear_message(tmp_path):
