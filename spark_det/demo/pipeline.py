@@ -31,9 +31,11 @@ FRAMEWORKS = ("detectron2", "mmdet")
 
 
 class DemoStageError(SparkDetError):
-    """A stage's command failed; the message carries the tail of its log."""
+    """A stage's command failed; the message carries the tail of its log, the exit code is the stage's."""
 
-    exit_code = 1
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code if 1 <= exit_code <= 5 else 1
 
 
 def repo_root() -> Path:
@@ -82,7 +84,7 @@ class Stages:
         if proc.returncode != 0:
             tail = log.read_text()[-3000:] if log else ""
             raise DemoStageError(f"stage '{name}' failed (exit {proc.returncode})"
-                                 f"{' - log ' + str(log) if log else ''}\n{tail}")
+                                 f"{' - log ' + str(log) if log else ''}\n{tail}", proc.returncode)
         self.times[name] = time.time() - t0
         print(f"=== {name}: {self.times[name]:.0f}s (total {time.time() - self.start:.0f}s)", flush=True)
 

@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "save_every_iters": 0,  # 0: checkpoint at epoch ends only
     "keep_checkpoints": 2,  # checkpoint-last.pth and the ones before it; resume falls back to them
-    "max_loss": 1.0e+4,  # a finite loss above this is divergence too (the paper's loss is ~1); null: off
+    "max_loss": 1.0e+4,  # a finite loss above it is divergence too (the paper's loss is about 1); null: off
     "export_every_epochs": 50,
     "vis_every_epochs": 50,
     "vis_images": 8,
@@ -47,8 +47,8 @@ OPTIMIZERS = ("lamb", "adamw")
 # key -> smallest allowed value, for the integer keys
 INTEGER_KEYS = {
     "epochs": 1, "batch_size": 1, "accum_steps": 1, "warmup_epochs": 0, "num_workers": 0, "seed": 0,
-    "save_every_iters": 0, "keep_checkpoints": 1, "export_every_epochs": 1, "vis_every_epochs": 1, "vis_images": 0, "log_every": 1,
-    "stop_after_iters": 0,
+    "save_every_iters": 0, "keep_checkpoints": 1, "export_every_epochs": 1, "vis_every_epochs": 1, "vis_images": 0,
+    "log_every": 1, "stop_after_iters": 0,
 }
 NON_NEGATIVE_FLOAT_KEYS = ("base_lr", "weight_decay", "weight_decay_end")
 OPTIONAL_NON_NEGATIVE_FLOAT_KEYS = ("lr", "clip_grad", "drop_path_rate", "max_loss")

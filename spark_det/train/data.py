@@ -85,7 +85,8 @@ def read_images(paths: Sequence[Path], count: int) -> tuple[list[tuple[Path, Ima
 def require_readable(paths: Sequence[Path], source: object, sample: int = 16) -> None:
     """Fail fast, before a run writes anything, when none of ``sample`` images spread over the
     data set can be read (a folder of corrupt files, or files that are not images)."""
-    picks = sorted({round(i * (len(paths) - 1) / max(sample - 1, 1)) for i in range(min(sample, len(paths)))})
+    step = max(len(paths) / sample, 1.0)
+    picks = sorted({int(i * step) for i in range(min(sample, len(paths)))})
     good, bad = read_images([paths[i] for i in picks], 1)
     if not good:
         path, reason = bad[0]

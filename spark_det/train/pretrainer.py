@@ -35,7 +35,7 @@ from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..io import PathLike, save_atomic, write_atomic
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
-from .checkpoint import LAST_CHECKPOINT, load_init_weights, rng_state, set_rng_state
+from .checkpoint import load_init_weights, rng_state, set_rng_state
 from .config import same_trajectory
 from .data import UnlabeledImages, collate
 from .distributed import all_true, init_distributed, on_main_rank, sync_batchnorms
@@ -267,7 +267,7 @@ class Pretrainer:
 
     def _divergence_message(self, exc: NonFiniteLossError) -> str:
         kept = self.run_dir.checkpoints()
-        lower = f"lr={self.peak_lr / 4:.3g} warmup_epochs={max(1, self.cfg['warmup_epochs'] * 2)}"
+        lower = f"lr={self.peak_lr / 10:.3g} warmup_epochs={max(1, self.cfg['warmup_epochs'] * 2)}"
         if not kept:
             advice = f"no checkpoint was written yet: start again with a smaller lr or a longer warm-up, e.g. {lower}"
         else:
@@ -284,9 +284,9 @@ class Pretrainer:
         try:
             return self._run()
         except NonFiniteLossError as exc:
-            message = self._divergence_message(exc)
-            on_main_rank(lambda: self.run_dir.record_divergence(self.cfg, exc.position, message), self.dist)
-            raise NonFiniteLossError(message, exc.position) from None
+            message, position = self._divergence_message(exc), exc.position
+            on_main_rank(lambda: self.run_dir.record_divergence(self.cfg, position, message), self.dist)
+            raise NonFiniteLossError(message, position) from None
         finally:
             self.close()
 
@@ -354,7 +354,7 @@ class Pretrainer:
                                 max_loss=cfg["max_loss"])
                 self.save_checkpoint(epoch + 1, 0)
                 state["epoch"] = epoch + 1
-                on_main_rank(lambda: self._write_epoch_outputs(epoch + 1, preview), self.dist)
+                on_main_rank(lambda done=epoch + 1: self._write_epoch_outputs(done, preview), self.dist)
         except _StopRequested:
             stopped = True
             self.log(f"[pretrain] stopped after {cfg['stop_after_iters']} iterations (stop_after_iters); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
@@ -10,11 +11,11 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.utils import save_image
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 from ..io import PathLike, load_file, write_atomic
 from ..model.registry import create_spark
 from ..model.spark import IMAGENET_MEAN, IMAGENET_STD, SparK
-from .data import find_images, load_rgb
+from .data import find_images, read_images
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
@@ -38,18 +39,27 @@ def save_reconstruction_grid(model: SparK, images: torch.Tensor, path: Union[str
 def reconstruction_grid_from_checkpoint(checkpoint: PathLike, images: PathLike, output: PathLike,
                                         num_images: int = 8, seed: int = 0) -> tuple[Path, int, dict[str, Any]]:
     """The grid for the first ``num_images`` of ``images`` (folder or path list), resized to the
-    run's input size, from a full checkpoint written by pretraining; returns (path, count, config)."""
+    run's input size, from a full checkpoint written by pretraining; returns (path, count, config).
+    Unreadable image files are skipped with a warning."""
     ckpt = load_file(checkpoint)
     if "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{checkpoint} is not a full spark-det checkpoint (needs 'model' and 'config'); "
                               "an exported encoder has no decoder to reconstruct with")
-    paths = find_images(images)[:num_images]
+    found, unreadable = read_images(find_images(images), num_images)
+    for path, reason in unreadable:
+        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+    if not found:
+        raise DataError(f"none of the images in {images} can be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     cfg = ckpt["config"]
     model = create_spark(cfg["model"], mask_ratio=cfg["mask_ratio"], decoder_width=cfg["decoder_width"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit the {cfg['model']} its config names "
+                              f"({(str(exc).splitlines() or [''])[0]})") from exc
     to_tensor = transforms.Compose([
         transforms.Resize(tuple(cfg["input_size"]), interpolation=InterpolationMode.BICUBIC),
         transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    batch = torch.stack([to_tensor(load_rgb(path)) for path in paths])
-    return save_reconstruction_grid(model, batch, output, seed=seed), len(paths), cfg
+    batch = torch.stack([to_tensor(image) for _, image in found])
+    return save_reconstruction_grid(model, batch, output, seed=seed), len(found), cfg
