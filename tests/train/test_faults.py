@@ -238,6 +238,57 @@ def test_two_runs_on_one_folder_the_second_is_refused_until_the_first_is_gone(im
     assert positions == sorted(set(positions))  # rewound to the checkpoint: each iteration logged once
 
 
+class _RunsCode:
+    """A pickle that would create a file if it were ever unpickled with code execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_file_that_would_run_code_is_refused_by_every_tool(images, tmp_path, capsys):
+    from spark_det.cli import convert as convert_cli
+    from spark_det.cli import visualize as visualize_cli
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker), "epoch": 0, "iter": 0, "rng": [],
+                "optimizer": {}, "config": {}}, evil)
+    calls = [
+        lambda: pretrain(images, tmp_path / "a", *TINY, extra=("--resume", str(evil))),
+        lambda: pretrain(images, tmp_path / "b", *TINY, extra=("--init-weights", str(evil))),
+        lambda: convert_cli.main([str(evil), "--to", "mmdet", "--output", str(tmp_path / "x.pth")]),
+        lambda: visualize_cli.main([str(evil), str(images), "--output", str(tmp_path / "x.png")]),
+    ]
+    for call in calls:
+        assert call() == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert "holds pickled Python objects" in line and "never runs code" in line
+        assert "weights_only=False" not in line and "weights_only` set to `False" not in line
+    assert not marker.exists()
+
+
+def test_visualize_skips_unreadable_images_and_refuses_a_folder_of_them(images, straight, tmp_path, capsys):
+    from spark_det.cli import visualize as visualize_cli
+
+    data = tmp_path / "mixed"
+    shutil.copytree(images, data)
+    (data / "+broken.jpg").write_bytes(b"not a jpeg")  # sorts first
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert visualize_cli.main([str(straight / "checkpoint-last.pth"), str(data), "--num-images", "2",
+                                   "--output", str(tmp_path / "grid.png")]) == 0
+    assert "(2 images" in capsys.readouterr().out
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG garbage")
+    with pytest.warns(UserWarning):
+        assert visualize_cli.main([str(straight / "checkpoint-last.pth"), str(broken), "--output",
+                                   str(tmp_path / "g2.png")]) == 2
+    assert "none of the images in" in one_error_line(capsys.readouterr().err)
+
+
 def _user_namespace_tmpfs() -> bool:
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
                             "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d"],
