@@ -95,12 +95,12 @@ def load_file(path: PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the code a file asks for
+        if "Weights only load failed" not in str(exc) or not found:
             raise CheckpointError(_damaged(path, exc)) from exc
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         raise CheckpointError(
-            f"checkpoint {path} holds pickled Python objects, not only tensors"
-            f"{f' (it asks for {found.group(1)})' if found else ''}; spark-det never runs code from a file. "
+            f"checkpoint {path} holds pickled Python objects, not only tensors (it asks for {found.group(1)}); "
+            "spark-det never runs code from a file. "
             "Save the weights as a plain state dict: torch.save(model.state_dict(), path)"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
