@@ -8,6 +8,8 @@
 | 3    | training diverged (non-finite loss); the last good checkpoint is kept       |
 | 4    | a file-system error: an output cannot be written (read-only, full disk, ...) |
 | 5    | the run folder is in use by another run (a lock held by a live process)     |
+| 6    | the processes of a distributed run could not meet (rendezvous timed out)     |
+| 143  | stopped by SIGTERM (preemption) after writing a checkpoint: resume it        |
 | 130  | interrupted (Ctrl-C)                                                        |
 
 Library code raises these; :func:`spark_det.cli.common.run_tool` turns them into one ``error:``
@@ -22,6 +24,8 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_CANNOT_WRITE = 4
 EXIT_LOCKED = 5
+EXIT_NO_RENDEZVOUS = 6
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect
 EXIT_INTERRUPTED = 130
 
 
@@ -70,3 +74,15 @@ class RunLockedError(SparkDetError):
     """Another live process owns the run folder; two runs must not share checkpoints and logs."""
 
     exit_code = EXIT_LOCKED
+
+
+class DistributedSetupError(SparkDetError):
+    """The ranks of a torchrun/SLURM job could not form a process group in time."""
+
+    exit_code = EXIT_NO_RENDEZVOUS
+
+
+class PreemptedError(SparkDetError):
+    """SIGTERM arrived: the run finished its step, wrote a checkpoint and stopped."""
+
+    exit_code = EXIT_PREEMPTED

@@ -15,7 +15,7 @@ from ..errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, SparkDetError
 
 EXIT_CODES_HELP = ("exit codes: 0 ok, 1 bad input file, 2 bad arguments/config/data, 3 training diverged, "
                    "4 file-system error (e.g. cannot write output), 5 run folder in use by another run, "
-                   "130 interrupted")
+                   "6 distributed rendezvous timed out, 130 interrupted, 143 stopped by SIGTERM after a checkpoint")
 
 
 def make_parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:

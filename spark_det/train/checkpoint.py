@@ -48,6 +48,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def derive_rng_state(seed: int, position: tuple[int, int], rank: int) -> dict:
+    """The RNG states a rank starts from at ``position`` when no saved state fits (the process
+    count changed): a pure function of (seed, position, rank), like every other seed of a run."""
+    keys = np.random.SeedSequence([seed, *position, rank, 0x5EED]).generate_state(4, np.uint64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(keys[0]) >> 1)
+        cpu = torch.get_rng_state()
+    numpy = np.random.RandomState(int(keys[1]) % 2**32).get_state()
+    state = {
+        "torch": cpu,
+        "numpy": {"keys": torch.from_numpy(numpy[1].astype(np.int64)), "pos": int(numpy[2]), "has_gauss": 0,
+                  "cached_gaussian": 0.0},
+        "python": random.Random(int(keys[2])).getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [torch.Generator(device="cuda").manual_seed(int(keys[3]) >> 1).get_state()
+                         for _ in range(torch.cuda.device_count())]
+    return state
+
+
 def latest_checkpoint(output_dir: Union[str, Path]) -> Optional[Path]:
     path = Path(output_dir) / LAST_CHECKPOINT
     return path if path.is_file() else None

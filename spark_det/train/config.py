@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "save_every_iters": 0,  # 0: checkpoint at epoch ends only
     "keep_checkpoints": 2,  # checkpoint-last.pth and the ones before it; resume falls back to them
+    "dist_timeout_s": 600,  # bound on the rendezvous and on any collective (a stuck restart fails, not hangs)
     "max_loss": 1.0e+4,  # a finite loss above it is divergence too (the paper's loss is about 1); null: off
     "export_every_epochs": 50,
     "vis_every_epochs": 50,
@@ -54,8 +55,8 @@ NON_NEGATIVE_FLOAT_KEYS = ("base_lr", "weight_decay", "weight_decay_end")
 OPTIONAL_NON_NEGATIVE_FLOAT_KEYS = ("lr", "clip_grad", "drop_path_rate", "max_loss")
 # Keys that change what a run logs, writes or when it stops, never the weights it trains.
 BOOKKEEPING_KEYS = frozenset({
-    "num_workers", "save_every_iters", "keep_checkpoints", "max_loss", "export_every_epochs", "vis_every_epochs",
-    "vis_images", "log_every", "stop_after_iters",
+    "num_workers", "dist_timeout_s", "save_every_iters", "keep_checkpoints", "max_loss", "export_every_epochs",
+    "vis_every_epochs", "vis_images", "log_every", "stop_after_iters",
 })
 
 
@@ -144,6 +145,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in OPTIONAL_NON_NEGATIVE_FLOAT_KEYS:
         if cfg[key] is not None and (not _is_number(cfg[key]) or cfg[key] < 0):
             raise bad(key, "a number >= 0 or null")
+    if not _is_number(cfg["dist_timeout_s"]) or cfg["dist_timeout_s"] <= 0:
+        raise bad("dist_timeout_s", "a number of seconds > 0")
     if cfg["max_loss"] == 0:
         raise bad("max_loss", "a number > 0 or null")
     if not _is_number(cfg["mask_ratio"]) or not 0 <= cfg["mask_ratio"] < 1:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import SparkDetError
+from ..errors import ConfigError, DistributedSetupError, SparkDetError
 from ..sparse.convert import enable_sparse_sync_batchnorm
 from ..sparse.layers import SparseLayer, retype
 from ..sparse.norms import sparse_batch_norm
@@ -32,16 +33,39 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise from torchrun's environment (NCCL on GPUs, gloo on CPU); single process otherwise."""
+def launch_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else from SLURM's when ``srun``
+    starts one task per GPU itself (then MASTER_ADDR must name the first node), else (0, 1, 0)."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        if "MASTER_ADDR" not in env:
+            raise ConfigError("launched by srun without torchrun: set MASTER_ADDR to the first node, e.g. "
+                              "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)")
+        env.setdefault("MASTER_PORT", "29500")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    return 0, 1, 0
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Initialise from torchrun's (or SLURM's) environment: NCCL on GPUs, gloo on CPU; single
+    process otherwise. ``timeout_s`` bounds the rendezvous and every collective, so a stuck
+    restart fails (and torchrun retries) instead of hanging for torch's default 30 minutes."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = launch_environment()
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as exc:  # DistStoreError and friends: the rendezvous failed
+            raise DistributedSetupError(
+                f"rank {rank} of {world} could not join the process group at {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')} within {timeout_s:g} s ({(str(exc).splitlines() or [''])[0]})"
+            ) from exc
     return DistInfo(rank, world, local_rank, dev)
 
 
@@ -123,6 +147,26 @@ def on_main_rank(work: Callable[[], T], info: DistInfo) -> T | None:
     if error is not None:
         raise error
     return result
+
+
+def require_same_on_every_rank(facts: dict, info: DistInfo) -> None:
+    """Raise :class:`ConfigError` on every rank when the ranks were given different recipes,
+    overrides or data (nodes launched with different command lines or mounts)."""
+    if not info.distributed:
+        return
+    everyone: list = [None] * info.world_size
+    dist.all_gather_object(everyone, facts)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            keys = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
+            if "config" in keys:
+                keys.remove("config")
+                keys += sorted(k for k in set(theirs["config"]) | set(everyone[0]["config"])
+                               if theirs["config"].get(k) != everyone[0]["config"].get(k))
+            error = ConfigError(f"rank {rank} was launched differently from rank 0 (differs in {', '.join(keys)}): "
+                                "give every node the same recipe, overrides and data")
+            error.reported_by_main = not info.is_main
+            raise error
 
 
 def all_true(flag: bool) -> bool:

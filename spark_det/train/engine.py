@@ -46,6 +46,7 @@ def train_one_epoch(
     channels_last: bool = False,
     on_iteration: Optional[Callable[[int, dict], None]] = None,
     max_loss: Optional[float] = None,
+    stop_requested: Optional[Callable[[], bool]] = None,
 ) -> None:
     """Train ``model`` (SparK, possibly DDP-wrapped as ``model``; ``spark`` is the bare module)
     from iteration ``start_iter`` of ``epoch`` to the end of the epoch.
@@ -54,7 +55,8 @@ def train_one_epoch(
     checkpoints); an exception it raises ends the run (the Pretrainer stops at ``stop_after_iters`` so).
     ``metrics["skipped_files"]`` lists the indices of the unreadable files the batch skipped.
     A loss that is not finite, or above ``max_loss``, raises :class:`NonFiniteLossError` before
-    the step is taken, on every rank at once.
+    the step is taken, on every rank at once. ``metrics["stop_requested"]`` is True on every rank
+    when ``stop_requested()`` (e.g. a SIGTERM flag) is True on any rank.
     """
     model.train()
     grid = None
@@ -82,12 +84,15 @@ def train_one_epoch(
             micro_losses.append(loss.detach().float())
 
         # One host synchronisation per step: the global batch's loss, for the finiteness check
-        # (the same on every rank, so all ranks stop together) and the log.
-        step_loss = torch.stack(micro_losses).sum().reshape(1).double()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(step_loss)
-            step_loss /= dist.get_world_size()
-        loss_value = step_loss.item()
+        # (the same on every rank, so all ranks stop together) and the log, with any rank's stop flag.
+        stop_flag = 1.0 if stop_requested is not None and stop_requested() else 0.0
+        packed = torch.cat([torch.stack(micro_losses).sum().reshape(1).double(),
+                            torch.tensor([stop_flag], dtype=torch.float64, device=device)])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            dist.all_reduce(packed)
+        loss_value, stop_votes = packed.tolist()
+        loss_value /= world
         if not math.isfinite(loss_value) or (max_loss is not None and loss_value > max_loss):
             above = f" (above max_loss {max_loss:g})" if math.isfinite(loss_value) else ""
             raise NonFiniteLossError(f"loss is {loss_value:.4g}{above} at epoch {epoch} iteration {i} (lr {lr:.3g})",
@@ -108,7 +113,7 @@ def train_one_epoch(
         metrics = {
             "epoch": epoch, "iter": i, "global_iter": it, "loss": loss_value, "lr": lr, "wd": wd,
             "grad_norm": float(grad_norm), "images_per_s": images.shape[0] / max(now - tick, 1e-9),
-            "skipped_files": sorted(set(batch["skipped"])),
+            "skipped_files": sorted(set(batch["skipped"])), "stop_requested": stop_votes > 0,
         }
         if device.type == "cuda":
             metrics["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -20,10 +20,12 @@ a killed run had not written yet (so resuming a finished run completes it).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import timm
 import torch
@@ -31,14 +33,14 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError
 from ..io import PathLike, save_atomic, write_atomic
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
-from .checkpoint import load_init_weights, rng_state, set_rng_state
+from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
 from .config import same_trajectory
 from .data import UnlabeledImages, collate
-from .distributed import all_true, init_distributed, on_main_rank, sync_batchnorms
+from .distributed import all_true, init_distributed, on_main_rank, require_same_on_every_rank, sync_batchnorms
 from .engine import train_one_epoch
 from .optim import build_optimizer
 from .progress import ProgressLog
@@ -84,7 +86,7 @@ class Pretrainer:
                  init_weights: Optional[PathLike] = None, device: str = "auto",
                  log: Callable[[str], None] = print) -> None:
         self.cfg, self.data, self.output = config, data, Path(output)
-        self.dist = init_distributed(device)
+        self.dist = init_distributed(device, config["dist_timeout_s"])
         self.device = self.dist.device
         self.log = log if self.dist.is_main else (lambda *_: None)
         cfg, world = config, self.dist.world_size
@@ -94,6 +96,9 @@ class Pretrainer:
         self.per_rank_batch = cfg["batch_size"] // world
         self.dataset = UnlabeledImages(data, cfg["input_size"], seed=cfg["seed"])
         self.dataset.require_readable()
+        require_same_on_every_rank({"config": {k: v for k, v in cfg.items() if k != "num_workers"},
+                                    "images": len(self.dataset), "first": str(self.dataset.paths[0]),
+                                    "last": str(self.dataset.paths[-1])}, self.dist)
         self.sampler = EpochSampler(len(self.dataset), self.per_rank_batch, self.dist.rank, world, seed=cfg["seed"])
         self.iters_per_epoch = self.sampler.batches_per_epoch
 
@@ -119,6 +124,7 @@ class Pretrainer:
                                  cfg["weight_decay"], cfg["weight_decay_end"])
         self.start_epoch, self.start_iter = 0, 0
         self.skipped: set[int] = set()  # indices of the distinct unreadable files met so far
+        self._sigterm = False  # set by the SIGTERM handler while training
 
         # Everything above only read; from here on the folder is this run's.
         self.run_dir = RunDirectory(self.output, cfg["keep_checkpoints"], self.log)
@@ -163,6 +169,11 @@ class Pretrainer:
         else:
             path = Path(resume).expanduser()
             ckpt = load_run_checkpoint(path)
+        saved_batch = (ckpt.get("config") or {}).get("batch_size", self.cfg["batch_size"])
+        if saved_batch != self.cfg["batch_size"]:
+            raise ConfigError(f"{path} was trained with batch_size={saved_batch}, this run has "
+                              f"{self.cfg['batch_size']}: keep batch_size={saved_batch} (any process count and "
+                              "accum_steps that divide it)")
         try:
             self.spark.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
@@ -177,13 +188,24 @@ class Pretrainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.start_iter = ckpt["epoch"], ckpt["iter"]
         self.skipped = set(ckpt.get("skipped_files", []))
-        rng = ckpt["rng"]
-        set_rng_state(rng[self.dist.rank] if isinstance(rng, list) else rng)
+        self._restore_rng(ckpt["rng"], (self.start_epoch, self.start_iter))
         if self.start_iter >= self.iters_per_epoch:
             self.start_epoch, self.start_iter = self.start_epoch + 1, 0
         if resume != "auto":
             on_main_rank(lambda: self._set_aside_later_checkpoints(path, (ckpt["epoch"], ckpt["iter"])), self.dist)
         self.init_note = f"resumed from {path} at epoch {self.start_epoch} iteration {self.start_iter}"
+
+    def _restore_rng(self, saved: Any, position: Position) -> None:
+        """Each rank's RNG state as saved when the process count is the same; otherwise derived
+        from (seed, position, rank). Data order, crops and masks never depend on it (they are
+        keyed by (seed, epoch, index)); only drop path draws do."""
+        saved = saved if isinstance(saved, list) else [saved]
+        if len(saved) == self.dist.world_size:
+            set_rng_state(saved[self.dist.rank])
+            return
+        set_rng_state(derive_rng_state(self.cfg["seed"], position, self.dist.rank))
+        self.log(f"[pretrain] the checkpoint was written by {len(saved)} process(es), this run has "
+                 f"{self.dist.world_size}: same data order and masks; per-rank RNG states (drop path) re-derived")
 
     def _set_aside_later_checkpoints(self, resumed: Path, position: Position) -> None:
         """Resuming from an earlier checkpoint abandons the folder's later ones; they are moved
@@ -290,6 +312,25 @@ class Pretrainer:
         finally:
             self.close()
 
+    @contextlib.contextmanager
+    def _stop_on_sigterm(self) -> Iterator[None]:
+        """While training, SIGTERM (a scheduler's preemption notice) lets the current step finish,
+        writes a checkpoint and stops; outside the main thread signals cannot be caught, so none is."""
+        self._sigterm = False
+
+        def note(signum: int, frame: Any) -> None:
+            self._sigterm = True
+
+        try:
+            previous = signal.signal(signal.SIGTERM, note)
+        except ValueError:  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
     def _preview_images(self) -> Optional[torch.Tensor]:
         count = min(self.cfg["vis_images"], len(self.dataset))
         return torch.stack([self.dataset[(0, i)]["image"] for i in range(count)]) if count else None
@@ -336,25 +377,30 @@ class Pretrainer:
             done = it + 1
             if cfg["save_every_iters"] and done % cfg["save_every_iters"] == 0 and i + 1 < self.iters_per_epoch:
                 self.save_checkpoint(epoch, i + 1)
+            if metrics.pop("stop_requested"):
+                self.save_checkpoint(epoch, i + 1)
+                raise PreemptedError(f"SIGTERM: stopped after epoch {epoch} iteration {i} with a checkpoint "
+                                     f"in {self.output}; continue with --resume auto")
             if cfg["stop_after_iters"] and done >= cfg["stop_after_iters"]:
                 self.save_checkpoint(epoch, i + 1)
                 raise _StopRequested
 
         stopped = False
         try:
-            for epoch in range(self.start_epoch, cfg["epochs"]):
-                first = self.start_iter if epoch == self.start_epoch else 0
-                self.sampler.set_epoch(epoch, first)
-                loader = DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
-                                    collate_fn=collate, num_workers=cfg["num_workers"],
-                                    pin_memory=self.device.type == "cuda", drop_last=True)
-                train_one_epoch(self.model, self.spark, loader, self.optimizer, self.schedule, epoch,
-                                self.iters_per_epoch, first, self.device, cfg["seed"], cfg["accum_steps"],
-                                cfg["clip_grad"], self.amp_dtype, self.scaler, cfg["channels_last"], on_iteration,
-                                max_loss=cfg["max_loss"])
-                self.save_checkpoint(epoch + 1, 0)
-                state["epoch"] = epoch + 1
-                on_main_rank(lambda done=epoch + 1: self._write_epoch_outputs(done, preview), self.dist)
+            with self._stop_on_sigterm():
+                for epoch in range(self.start_epoch, cfg["epochs"]):
+                    first = self.start_iter if epoch == self.start_epoch else 0
+                    self.sampler.set_epoch(epoch, first)
+                    loader = DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
+                                        collate_fn=collate, num_workers=cfg["num_workers"],
+                                        pin_memory=self.device.type == "cuda", drop_last=True)
+                    train_one_epoch(self.model, self.spark, loader, self.optimizer, self.schedule, epoch,
+                                    self.iters_per_epoch, first, self.device, cfg["seed"], cfg["accum_steps"],
+                                    cfg["clip_grad"], self.amp_dtype, self.scaler, cfg["channels_last"], on_iteration,
+                                    max_loss=cfg["max_loss"], stop_requested=lambda: self._sigterm)
+                    self.save_checkpoint(epoch + 1, 0)
+                    state["epoch"] = epoch + 1
+                    on_main_rank(lambda done=epoch + 1: self._write_epoch_outputs(done, preview), self.dist)
         except _StopRequested:
             stopped = True
             self.log(f"[pretrain] stopped after {cfg['stop_after_iters']} iterations (stop_after_iters); "

@@ -1,0 +1,210 @@
+"""Pretraining as clusters run it: other process counts on resume, two nodes, SLURM, elastic restarts, SIGTERM.
+
+Every run here is the real tool under torchrun (gloo on CPU) or under SLURM's variables, compared
+with one uninterrupted process that has the same global batch. Losses agree to 1e-4 (the order of
+gloo's reductions); where accumulation replaces processes the BatchNorm statistics of a forward
+cover fewer images, so there the bound is 1e-3. Every subprocess has a timeout: nothing can hang.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spark_det.cli import pretrain as pretrain_cli
+from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")
+TINY = ("model=test_resnet", "input_size=[64,64]", "decoder_width=32", "batch_size=8", "epochs=2", "vis_images=0",
+        "warmup_epochs=1", "save_every_iters=1", "drop_path_rate=0", "dist_timeout_s=60")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_unlabeled_images(tmp_path_factory.mktemp("unlabeled"), 32, seed=0,
+                                  cfg=SceneConfig(image_size=(64, 64)))
+
+
+@pytest.fixture(scope="module")
+def straight(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert pretrain_cli.main(["--recipe", RECIPE, "--data", str(images), "--output", str(out), "--device", "cpu",
+                              *TINY]) == 0
+    return out
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(out, straight, rel=1e-4):
+    mine, reference = records(out), records(straight)
+    assert [(r["epoch"], r["iter"]) for r in mine] == [(r["epoch"], r["iter"]) for r in reference]  # each once
+    assert [r["loss"] for r in mine] == pytest.approx([r["loss"] for r in reference], rel=rel)
+    assert (Path(out) / "encoder-test_resnet.pth").is_file()
+
+
+_ports = iter(range(20000 + os.getpid() % 900 * 10, 40000))
+
+
+def env(**extra):
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK") and
+            not k.startswith("SLURM_")}
+    return {**base, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def tool_args(images, out, *overrides, resume=True):
+    return ["--recipe", RECIPE, "--data", str(images), "--output", str(out), "--device", "cpu", *TINY, *overrides,
+            *(["--resume", "auto"] if resume else [])]
+
+
+def torchrun(nproc, *args, launcher=(), timeout=300, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launcher]
+    if not launcher:
+        cmd += ["--master_port", str(next(_ports))]
+    proc = subprocess.run([*cmd, "-m", "spark_det", "pretrain", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_processes(nproc, *args, accum=1, stop=None):
+    """``nproc`` processes (1: a plain process) of the tool, optionally stopped after ``stop`` iterations."""
+    extra = [f"accum_steps={accum}"] + ([f"stop_after_iters={stop}"] if stop else [])
+    if nproc == 1:
+        proc = subprocess.run([sys.executable, "-m", "spark_det", "pretrain", *args, *extra], cwd=ROOT, env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+    return torchrun(nproc, *args, *extra)
+
+
+@pytest.mark.parametrize("before,after", [((1, 1), (2, 1)), ((2, 1), (1, 1)), ((2, 1), (1, 2))],
+                         ids=["1to2", "2to1", "2procs_to_1proc_accum2"])
+def test_a_run_resumes_on_another_process_count_with_the_same_losses(images, straight, tmp_path, before, after):
+    out = tmp_path / "run"
+    run_processes(before[0], *tool_args(images, out), accum=before[1], stop=3)
+    resumed = run_processes(after[0], *tool_args(images, out), accum=after[1])
+    if before[0] != after[0]:
+        assert "per-rank RNG states (drop path) re-derived" in resumed.stdout
+    assert_same_run(out, straight, rel=1e-3 if after[1] != before[1] else 1e-4)
+
+
+def test_a_changed_global_batch_on_resume_is_one_error_line(images, tmp_path):
+    out = tmp_path / "run"
+    run_processes(1, *tool_args(images, out), stop=2)
+    proc = subprocess.run([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out), "batch_size=16"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "was trained with batch_size=8, this run has 16" in proc.stderr
+
+
+def test_two_torchrun_agents_on_one_host_train_like_one_process(images, straight, tmp_path):
+    out, port = tmp_path / "run", next(_ports)
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                                str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                                str(port), "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)],
+                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for node in (0, 1)]
+    try:
+        results = [agent.communicate(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [agent.returncode for agent in agents] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "2 process(es)" in results[0][0] and results[1][0].strip() == ""  # rank 1 (node 1) writes nothing
+    assert_same_run(out, straight)
+
+
+def test_srun_without_torchrun_reads_the_slurm_variables(images, straight, tmp_path):
+    out, port = tmp_path / "run", next(_ports)
+    tasks = [subprocess.Popen([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)],
+                              cwd=ROOT, env=env(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        results = [task.communicate(timeout=300) for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+    assert [task.returncode for task in tasks] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "2 process(es)" in results[0][0]
+    assert_same_run(out, straight)
+
+
+def test_ranks_launched_with_different_overrides_stop_with_one_line(images, tmp_path):
+    out, port = tmp_path / "run", next(_ports)
+    tasks = [subprocess.Popen([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False),
+                               f"lr={lr}"], cwd=ROOT,
+                              env=env(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, lr in ((0, 1e-3), (1, 2e-3))]
+    try:
+        results = [task.communicate(timeout=300) for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+    assert [task.returncode for task in tasks] == [2, 2]
+    errors = results[0][1] + results[1][1]
+    assert "Traceback" not in errors and errors.count("error: ") == 1
+    assert "rank 1 was launched differently from rank 0 (differs in lr)" in errors
+    assert not out.exists()
+
+
+def _workers(agent_pid):
+    out = subprocess.run(["ps", "--ppid", str(agent_pid), "-o", "pid="], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def test_an_elastic_restart_after_a_killed_worker_loses_and_repeats_nothing(images, straight, tmp_path):
+    out = tmp_path / "run"
+    launcher = ["--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{next(_ports)}"]
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *launcher,
+                              "-m", "spark_det", "pretrain", *tool_args(images, out)], cwd=ROOT, env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and agent.poll() is None:
+            if (out / "metrics.jsonl").is_file() and len(records(out)) >= 3:
+                break
+            time.sleep(0.02)
+        workers = _workers(agent.pid)
+        assert len(workers) == 2, "torchrun's workers not found"
+        os.kill(workers[-1], signal.SIGKILL)
+        stdout, stderr = agent.communicate(timeout=400)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "resumed from" in stdout
+    assert_same_run(out, straight)
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(images, straight, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False),
+                             "save_every_iters=0"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(records(out)) >= 2):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.count("error: ") == 1 and "error: SIGTERM: stopped after" in stderr
+    logged = len(records(out))
+    run_processes(1, *tool_args(images, out), "save_every_iters=0")
+    assert_same_run(out, straight)
+    # the checkpoint was written at the step SIGTERM interrupted: nothing before it was redone
+    assert logged >= 2
