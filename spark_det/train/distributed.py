@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, TypeVar
@@ -11,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import ConfigError, DistributedSetupError, SparkDetError
+from ..errors import EXIT_NO_RENDEZVOUS, ConfigError, DistributedSetupError, SparkDetError
 from ..sparse.convert import enable_sparse_sync_batchnorm
 from ..sparse.layers import SparseLayer, retype
 from ..sparse.norms import sparse_batch_norm
@@ -58,15 +60,26 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        where = f"rank {rank} of {world} could not join the process group at {os.environ.get('MASTER_ADDR')}:" \
+                f"{os.environ.get('MASTER_PORT')} within {timeout_s:g} s"
+        # Gloo's connect can wait on the launcher's store past the timeout given here (seen after
+        # torchrun restarts); a watchdog ends such a process so that torchrun can try again.
+        watchdog = threading.Timer(timeout_s + 5, _give_up_rendezvous, args=(where,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                     timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as exc:  # DistStoreError and friends: the rendezvous failed
-            raise DistributedSetupError(
-                f"rank {rank} of {world} could not join the process group at {os.environ.get('MASTER_ADDR')}:"
-                f"{os.environ.get('MASTER_PORT')} within {timeout_s:g} s ({(str(exc).splitlines() or [''])[0]})"
-            ) from exc
+            raise DistributedSetupError(f"{where} ({(str(exc).splitlines() or [''])[0]})") from exc
+        finally:
+            watchdog.cancel()
     return DistInfo(rank, world, local_rank, dev)
+
+
+def _give_up_rendezvous(where: str) -> None:
+    print(f"error: {where} (hung; exiting so that the launcher can restart)", file=sys.stderr, flush=True)
+    os._exit(EXIT_NO_RENDEZVOUS)
 
 
 class DenseSyncBatchNorm2d(nn.BatchNorm2d):
