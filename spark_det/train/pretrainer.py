@@ -52,6 +52,12 @@ from .visualize import save_reconstruction_grid
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    # A scheduler signals every process of a job: a data worker that died of it would end the
+    # step the trainer wants to finish; the trainer stops its workers itself.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _StopRequested(Exception):
     """``stop_after_iters`` was reached (the run stops as if interrupted, after a checkpoint)."""
 
@@ -393,7 +399,8 @@ class Pretrainer:
                     self.sampler.set_epoch(epoch, first)
                     loader = DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
                                         collate_fn=collate, num_workers=cfg["num_workers"],
-                                        pin_memory=self.device.type == "cuda", drop_last=True)
+                                        pin_memory=self.device.type == "cuda", drop_last=True,
+                                        worker_init_fn=_leave_sigterm_to_the_trainer)
                     train_one_epoch(self.model, self.spark, loader, self.optimizer, self.schedule, epoch,
                                     self.iters_per_epoch, first, self.device, cfg["seed"], cfg["accum_steps"],
                                     cfg["clip_grad"], self.amp_dtype, self.scaler, cfg["channels_last"], on_iteration,

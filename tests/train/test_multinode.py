@@ -193,14 +193,15 @@ def test_an_elastic_restart_after_a_killed_worker_loses_and_repeats_nothing(imag
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(images, straight, tmp_path):
     out = tmp_path / "run"
+    # Like a scheduler, signal the whole process group: the data workers (num_workers=2) get it too.
     proc = subprocess.Popen([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False),
-                             "save_every_iters=0"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "save_every_iters=0", "num_workers=2"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(records(out)) >= 2):
             time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
