@@ -33,7 +33,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, SparkDetError
 from ..io import PathLike, save_atomic, write_atomic
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
@@ -314,9 +314,18 @@ class Pretrainer:
         except NonFiniteLossError as exc:
             message, position = self._divergence_message(exc), exc.position
             on_main_rank(lambda: self.run_dir.record_divergence(self.cfg, position, message), self.dist)
-            raise NonFiniteLossError(message, position) from None
+            raise self._said_once(NonFiniteLossError(message, position)) from None
+        except SparkDetError as exc:  # raised on every rank together (preemption, a full disk, ...)
+            self._said_once(exc)
+            raise
         finally:
             self.close()
+
+    def _said_once(self, error: SparkDetError) -> SparkDetError:
+        """Every rank stops with the same error; only the main rank prints it."""
+        if not self.dist.is_main:
+            error.reported_by_main = True
+        return error
 
     @contextlib.contextmanager
     def _stop_on_sigterm(self) -> Iterator[None]:

@@ -212,3 +212,12 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(images, str
     assert_same_run(out, straight)
     # the checkpoint was written at the step SIGTERM interrupted: nothing before it was redone
     assert logged >= 2
+
+
+def test_divergence_under_torchrun_stops_every_rank_with_one_line(images, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(2, *tool_args(images, out, resume=False), "lr=30", "clip_grad=0", "epochs=3", "warmup_epochs=2",
+                    check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: ") == 1 and "error: training diverged: loss is" in proc.stderr
+    assert (out / "diverged.json").is_file() and not (out / ".spark-det.lock").exists()
