@@ -29,6 +29,11 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect
 EXIT_INTERRUPTED = 130
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message: library errors (torch's above all) run to pages."""
+    return (str(exc).splitlines() or [""])[0][:limit]
+
+
 class SparkDetError(Exception):
     """Base of every error caused by what a user passed in."""
 

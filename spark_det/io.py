@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError, OutputError, first_line
 
 PathLike = Union[str, Path]
 
@@ -112,7 +112,7 @@ def load_file(path: PathLike) -> dict:
 
 def _damaged(path: Path, exc: Exception) -> str:
     # Only torch's first line: later ones may advise weights_only=False, which runs a file's code.
-    detail = (str(exc).splitlines() or [""])[0][:200]
+    detail = first_line(exc)
     if "weights_only" in detail:
         detail = ""
     size = path.stat().st_size if path.exists() else 0

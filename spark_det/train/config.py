@@ -7,7 +7,7 @@ from typing import Any, Iterable, Union
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 # Every key a recipe may set, with its default (the paper's ImageNet recipe where it has one).
 DEFAULTS: dict[str, Any] = {
@@ -68,7 +68,7 @@ def load_recipe(path: Union[str, Path]) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"recipe {path} is not valid YAML: {first_line(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values")
     base = data.pop("_base_", None)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import EXIT_NO_RENDEZVOUS, ConfigError, DistributedSetupError, SparkDetError
+from ..errors import EXIT_NO_RENDEZVOUS, ConfigError, DistributedSetupError, SparkDetError, first_line
 from ..sparse.convert import enable_sparse_sync_batchnorm
 from ..sparse.layers import SparseLayer, retype
 from ..sparse.norms import sparse_batch_norm
@@ -71,7 +71,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                     timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as exc:  # DistStoreError and friends: the rendezvous failed
-            raise DistributedSetupError(f"{where} ({(str(exc).splitlines() or [''])[0]})") from exc
+            raise DistributedSetupError(f"{where} ({first_line(exc)})") from exc
         finally:
             watchdog.cancel()
     return DistInfo(rank, world, local_rank, dev)

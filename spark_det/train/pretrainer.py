@@ -33,7 +33,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, SparkDetError
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, SparkDetError, first_line
 from ..io import PathLike, save_atomic, write_atomic
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
@@ -184,7 +184,7 @@ class Pretrainer:
             self.spark.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"{path} holds another model than {self.cfg['model']}: "
-                                  f"{(str(exc).splitlines() or [''])[0]}") from exc
+                                  f"{first_line(exc)}") from exc
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:

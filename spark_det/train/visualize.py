@@ -11,7 +11,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.utils import save_image
 
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, DataError, first_line
 from ..io import PathLike, load_file, write_atomic
 from ..model.registry import create_spark
 from ..model.spark import IMAGENET_MEAN, IMAGENET_STD, SparK
@@ -56,7 +56,7 @@ def reconstruction_grid_from_checkpoint(checkpoint: PathLike, images: PathLike, 
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{checkpoint}: its weights do not fit the {cfg['model']} its config names "
-                              f"({(str(exc).splitlines() or [''])[0]})") from exc
+                              f"({first_line(exc)})") from exc
     to_tensor = transforms.Compose([
         transforms.Resize(tuple(cfg["input_size"]), interpolation=InterpolationMode.BICUBIC),
         transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
