@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -66,11 +66,6 @@ def derive_rng_state(seed: int, position: tuple[int, int], rank: int) -> dict:
         state["cuda"] = [torch.Generator(device="cuda").manual_seed(int(keys[3]) >> 1).get_state()
                          for _ in range(torch.cuda.device_count())]
     return state
-
-
-def latest_checkpoint(output_dir: Union[str, Path]) -> Optional[Path]:
-    path = Path(output_dir) / LAST_CHECKPOINT
-    return path if path.is_file() else None
 
 
 def load_init_weights(spark: nn.Module, path: Union[str, Path]) -> str:
