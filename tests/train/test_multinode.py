@@ -107,54 +107,49 @@ def test_a_changed_global_batch_on_resume_is_one_error_line(images, tmp_path):
     assert proc.stderr.startswith("error: ") and "was trained with batch_size=8, this run has 16" in proc.stderr
 
 
+def together(commands_and_envs, timeout=300):
+    """Start the processes at once (the ranks of one job), wait for all; [(returncode, stdout, stderr)]."""
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for cmd, environment in commands_and_envs]
+    try:
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [(proc.returncode, *output) for proc, output in zip(procs, outputs)]
+
+
+def slurm_task(rank, port):
+    return env(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+
+
 def test_two_torchrun_agents_on_one_host_train_like_one_process(images, straight, tmp_path):
     out, port = tmp_path / "run", next(_ports)
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
-                                str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
-                                str(port), "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)],
-                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for node in (0, 1)]
-    try:
-        results = [agent.communicate(timeout=300) for agent in agents]
-    finally:
-        for agent in agents:
-            agent.kill()
-    assert [agent.returncode for agent in agents] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
-    assert "2 process(es)" in results[0][0] and results[1][0].strip() == ""  # rank 1 (node 1) writes nothing
+    results = together([([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                          "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                          "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)], env())
+                        for node in (0, 1)])
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    assert "2 process(es)" in results[0][1] and results[1][1].strip() == ""  # rank 1 (node 1) writes nothing
     assert_same_run(out, straight)
 
 
 def test_srun_without_torchrun_reads_the_slurm_variables(images, straight, tmp_path):
     out, port = tmp_path / "run", next(_ports)
-    tasks = [subprocess.Popen([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)],
-                              cwd=ROOT, env=env(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    try:
-        results = [task.communicate(timeout=300) for task in tasks]
-    finally:
-        for task in tasks:
-            task.kill()
-    assert [task.returncode for task in tasks] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
-    assert "2 process(es)" in results[0][0]
+    results = together([([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)],
+                         slurm_task(rank, port)) for rank in (0, 1)])
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    assert "2 process(es)" in results[0][1]
     assert_same_run(out, straight)
 
 
 def test_ranks_launched_with_different_overrides_stop_with_one_line(images, tmp_path):
     out, port = tmp_path / "run", next(_ports)
-    tasks = [subprocess.Popen([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False),
-                               f"lr={lr}"], cwd=ROOT,
-                              env=env(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank, lr in ((0, 1e-3), (1, 2e-3))]
-    try:
-        results = [task.communicate(timeout=300) for task in tasks]
-    finally:
-        for task in tasks:
-            task.kill()
-    assert [task.returncode for task in tasks] == [2, 2]
-    errors = results[0][1] + results[1][1]
+    results = together([([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False),
+                          f"lr={lr}"], slurm_task(rank, port)) for rank, lr in ((0, 1e-3), (1, 2e-3))])
+    assert [code for code, _, _ in results] == [2, 2]
+    errors = results[0][2] + results[1][2]
     assert "Traceback" not in errors and errors.count("error: ") == 1
     assert "rank 1 was launched differently from rank 0 (differs in lr)" in errors
     assert not out.exists()
