@@ -248,13 +248,16 @@ class Pretrainer:
         if not all_true(self._state_is_finite()):
             raise NonFiniteLossError(f"weights or BatchNorm statistics are not finite at epoch {epoch} iteration "
                                      f"{next_iter} (no checkpoint written)", position=(epoch, next_iter))
-        state = {
-            "model": self.spark.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": epoch, "iter": next_iter,
-            "rng": [rng for rng, _ in gathered], "skipped_files": sorted(self.skipped), "config": self.cfg,
-            "arch": self.cfg["model"], "input_size": list(self.cfg["input_size"]),
-        }
-        on_main_rank(lambda: self.run_dir.save(state, (epoch, next_iter)), self.dist)
+
+        def write() -> None:  # the state is gathered on the main rank only, which alone writes it
+            self.run_dir.save({
+                "model": self.spark.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": epoch, "iter": next_iter,
+                "rng": [rng for rng, _ in gathered], "skipped_files": sorted(self.skipped), "config": self.cfg,
+                "arch": self.cfg["model"], "input_size": list(self.cfg["input_size"]),
+            }, (epoch, next_iter))
+
+        on_main_rank(write, self.dist)
 
     def _state_is_finite(self) -> bool:
         tensors = [t for t in self.spark.state_dict().values() if t.is_floating_point()]
