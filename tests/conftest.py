@@ -13,6 +13,16 @@ def pytest_report_header(config):
     return ["spark-det environment:", *format_env(collect_env()).splitlines()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_index_cache(tmp_path_factory):
+    """Data indexes (spark_det.train.index) go to a folder of this test session, not ~/.cache;
+    subprocesses (the CLI, torchrun) inherit it."""
+    import os
+
+    os.environ["SPARK_DET_CACHE"] = str(tmp_path_factory.mktemp("spark_det_cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     import torch

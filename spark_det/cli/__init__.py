@@ -1,6 +1,6 @@
 """The ``spark-det`` command: one subcommand per tool, each a thin layer over the library.
 
-    spark-det pretrain | convert | visualize | demo | make-data | collect-env | train-det2 | train-mmdet
+    spark-det pretrain | pack-shards | convert | visualize | demo | make-data | collect-env | train-det2 | train-mmdet
 
 ``tools/<name>.py`` runs the same code. Subcommand modules are imported only when used, so
 ``spark-det pretrain`` never imports a detection framework.
@@ -18,6 +18,7 @@ from ..errors import EXIT_BAD_INPUT, EXIT_OK
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("spark_det.cli.pretrain", "SparK pretraining on a folder of images (torchrun for many GPUs)"),
     "convert": ("spark_det.cli.convert", "convert weights for Detectron2, MMDetection, timm or torchvision"),
+    "pack-shards": ("spark_det.cli.pack_shards", "pack a folder of images into WebDataset shards for pretraining"),
     "visualize": ("spark_det.cli.visualize", "reconstruction grid from a pretraining checkpoint"),
     "demo": ("spark_det.cli.demo", "synthetic data -> pretraining -> conversion -> Mask R-CNN, with a report"),
     "make-data": ("spark_det.cli.make_data", "write the synthetic COCO-format data set"),

@@ -25,7 +25,11 @@ from .common import add_output, make_parser, parse_with_output, run_tool
 def build_parser():
     p = make_parser("spark-det pretrain", __doc__)
     p.add_argument("--recipe", required=True, help="recipe file, e.g. pretrain/resnet50.yaml")
-    p.add_argument("--data", required=True, help="folder of images (searched recursively) or a text file of paths")
+    p.add_argument("--data", required=True,
+                   help="folder of images (searched recursively), a text file of paths, or WebDataset shards "
+                        "('shards/train-{000000..000127}.tar', pipe: or http(s) URLs)")
+    p.add_argument("--reindex", action="store_true",
+                   help="rebuild the data's cached index (normally rebuilt only when the source changed)")
     add_output(p, "run directory")
     p.add_argument("--resume", default=None,
                    help="'auto' (checkpoint-last.pth in --output, if any) or a checkpoint path")
@@ -45,7 +49,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cfg = load_config(args.recipe, args.overrides)
     try:
         Pretrainer(cfg, args.data, args.output, resume=args.resume, init_weights=args.init_weights,
-                   device=args.device).run()
+                   device=args.device, reindex=args.reindex).run()
     finally:
         cleanup()
     return EXIT_OK

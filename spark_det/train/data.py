@@ -8,46 +8,129 @@ exactly the images and crops the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from ..errors import DataError
 from ..model.spark import IMAGENET_MEAN, IMAGENET_STD
-from .sampler import sample_seed
+from .index import IndexCache, Progress, shared_index
+from .sampler import EpochSampler, sample_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def find_images(source: Union[str, Path]) -> list[Path]:
+class ImageIndex(Sequence[Path]):
+    """The image files of a data source, in a fixed order: paths decoded on demand from the
+    memory-mapped :class:`~spark_det.train.index.NameIndex` (nothing per file in Python memory)."""
+
+    def __init__(self, root: Path, names: Sequence[str], source: object) -> None:
+        self.root, self.names, self.source = root, names, source
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Path:  # type: ignore[override]
+        return self.root / self.names[i]
+
+
+def _walk_images(root: Path, progress: Progress) -> tuple[list[str], list[list]]:
+    """Image files under ``root`` (relative names, sorted as path parts) and every folder walked
+    with its mtime (the fingerprint). os.scandir reads file types from the directory itself, so
+    unlike ``Path.rglob`` + ``is_file`` it costs no stat per file; symlinked folders are followed
+    once each."""
+    names: list[str] = []
+    folders: list[list] = []
+    seen: set[tuple[int, int]] = set()
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        folder = os.path.join(root, rel) if rel else str(root)
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        folders.append([rel, st.st_mtime_ns])
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir():
+                    pending.append(name)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    names.append(name)
+        progress.tick(len(names), "images")
+    names.sort(key=lambda n: n.replace("/", "\0"))  # the order of sorted(Path) objects: by path parts
+    return names, folders
+
+
+def _folders_unchanged(root: Path, meta: dict) -> bool:
+    try:
+        return all(os.stat(os.path.join(root, rel) if rel else root).st_mtime_ns == mtime
+                   for rel, mtime in meta["folders"])
+    except OSError:
+        return False
+
+
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def find_images(source: Union[str, Path], info: object = None, log: Callable[[str], None] = print,
+                reindex: bool = False) -> ImageIndex:
     """All image files under a folder (recursively, so ImageNet's train/<class>/ works too), or
-    the paths listed in a text file (one per line, relative to the file's folder; # comments)."""
-    source = Path(source).expanduser()
+    the paths listed in a text file (one per line, relative to the file's folder; # comments).
+
+    The list comes from the source's cached index (:mod:`.index`: built by global rank 0 when
+    missing or stale, then mapped by every process); ``info`` is the run's DistInfo, if any.
+    """
+    source = Path(source).expanduser().absolute()
     if not source.exists():
         raise DataError(f"data path {source} does not exist")
+    progress = Progress(log, str(source))
     if source.is_file():
         base = source.parent
-        lines = [ln.strip() for ln in source.read_text().splitlines()]
-        listed = [ln for ln in lines if ln and not ln.startswith("#")]
-        paths = [(base / ln) if not Path(ln).is_absolute() else Path(ln) for ln in listed]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise DataError(f"{len(missing)} paths listed in {source} do not exist, e.g. {missing[0]}")
+        cache = IndexCache("list", str(source))
+
+        def build() -> tuple[list[str], None, dict]:
+            lines = [ln.strip() for ln in source.read_text().splitlines()]
+            listed = [ln for ln in lines if ln and not ln.startswith("#")]
+            missing = [ln for ln in listed if not (base / ln).is_file()]
+            if missing:
+                raise DataError(f"{len(missing)} paths listed in {source} do not exist, e.g. {base / missing[0]}")
+            return _some(listed, source), None, {"list_file": _file_stamp(source)}
+
+        def fresh(meta: dict) -> bool:
+            return meta.get("list_file") == _file_stamp(source)
     else:
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not paths:
+        base = source
+        cache = IndexCache("folder", str(source))
+
+        def build() -> tuple[list[str], None, dict]:
+            names, folders = _walk_images(source, progress)
+            return _some(names, source), None, {"folders": folders}
+
+        def fresh(meta: dict) -> bool:
+            return _folders_unchanged(source, meta)
+
+    return ImageIndex(base, shared_index(cache, fresh, build, info, log, reindex), source)
+
+
+def _some(names: list[str], source: Path) -> list[str]:
+    if not names:
         raise DataError(
             f"no images found in {source} (looked for {', '.join(IMAGE_EXTENSIONS)} recursively, "
             "or a text file listing image paths)"
         )
-    return paths
+    return names
 
 
 def load_rgb(path: Union[str, Path]) -> Image.Image:
@@ -114,10 +197,11 @@ class UnlabeledImages(Dataset):
 
     def __init__(self, source: Union[str, Path, Sequence[Path]], input_size: Sequence[int],
                  seed: int = 0, scale: tuple[float, float] = (0.67, 1.0)) -> None:
-        self.paths = list(source) if isinstance(source, (list, tuple)) else find_images(source)
-        if not self.paths:
+        self.paths = source if isinstance(source, (list, tuple, ImageIndex)) else find_images(source)
+        if not len(self.paths):
             raise DataError("no images given")
-        self.source = source if not isinstance(source, (list, tuple)) else "the given paths"
+        self.source = self.paths.source if isinstance(self.paths, ImageIndex) else (
+            source if not isinstance(source, (list, tuple)) else "the given paths")
         self.transform = pretrain_transform(input_size, scale)
         self.seed = seed
 
@@ -153,4 +237,56 @@ def collate(items: list[dict]) -> dict:
         "image": torch.stack([it["image"] for it in items]),
         "skipped": [index for it in items for index in it["skipped"]],
         "key": [it["key"] for it in items],
+        "position": items[-1].get("position"),  # a shard stream's point after this batch (shards.py)
     }
+
+
+class FolderSource:
+    """Pretraining data from a folder or a path list: what the Pretrainer needs of a data source
+    (the other one is :class:`~spark_det.train.shards.ShardSource`)."""
+
+    def __init__(self, data: Union[str, Path], input_size: Sequence[int], seed: int, per_rank_batch: int,
+                 num_workers: int, info: Any, log: Callable[[str], None] = print, reindex: bool = False) -> None:
+        self.dataset = UnlabeledImages(find_images(data, info, log, reindex), input_size, seed=seed)
+        self.sampler = EpochSampler(len(self.dataset), per_rank_batch, info.rank, info.world_size, seed=seed)
+        self.iters_per_epoch = self.sampler.batches_per_epoch
+        self.per_rank_batch, self.num_workers = per_rank_batch, num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def describe(self) -> str:
+        return f"{len(self.dataset):,} images"
+
+    def identity(self) -> dict:
+        paths = self.dataset.paths
+        digest = paths.names.meta["digest"] if isinstance(paths, ImageIndex) else None
+        return {"images": len(paths), "index": digest, "first": str(paths[0]), "last": str(paths[-1])}
+
+    def require_readable(self) -> None:
+        self.dataset.require_readable()
+
+    def preview(self, count: int) -> Optional[torch.Tensor]:
+        count = min(count, len(self.dataset))
+        return torch.stack([self.dataset[(0, i)]["image"] for i in range(count)]) if count else None
+
+    def loader(self, epoch: int, first: int, **kwargs: Any) -> DataLoader:
+        self.sampler.set_epoch(epoch, first)
+        return DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler, collate_fn=collate,
+                          num_workers=self.num_workers, drop_last=True, **kwargs)
+
+    def state(self) -> None:
+        return None  # the order is a pure function of (seed, epoch): nothing to keep
+
+    def restore(self, saved: Optional[list], epoch: int, first: int) -> str:
+        return ""
+
+
+def open_source(data: Union[str, Path], input_size: Sequence[int], seed: int, per_rank_batch: int,
+                num_workers: int, info: Any, log: Callable[[str], None] = print,
+                reindex: bool = False) -> Union[FolderSource, Any]:
+    """The data source ``--data`` names: WebDataset shards (a pattern or URL), a folder or a path list."""
+    from .shards import ShardSource, is_shard_source
+
+    kind = ShardSource if is_shard_source(data) else FolderSource
+    return kind(str(data), input_size, seed, per_rank_batch, num_workers, info, log, reindex)

@@ -31,7 +31,6 @@ import timm
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, SparkDetError, first_line
 from ..io import PathLike, save_atomic, write_atomic
@@ -39,13 +38,12 @@ from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
 from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
 from .config import same_trajectory
-from .data import UnlabeledImages, collate
+from .data import open_source
 from .distributed import all_true, init_distributed, on_main_rank, require_same_on_every_rank, sync_batchnorms
 from .engine import train_one_epoch
 from .optim import build_optimizer
 from .progress import ProgressLog
 from .run_dir import METRICS, Position, RunDirectory, RunLock, load_run_checkpoint
-from .sampler import EpochSampler
 from .schedule import Schedule
 from .visualize import save_reconstruction_grid
 
@@ -80,17 +78,19 @@ class Pretrainer:
 
     Args:
         config: a resolved config (:func:`spark_det.train.load_config`).
-        data: a folder of images (searched recursively) or a text file listing image paths.
+        data: a folder of images (searched recursively), a text file listing image paths, or
+            WebDataset shards (a pattern such as ``shards/train-{000000..000127}.tar``, or URLs).
         output: the run directory; owned by this run (locked) from construction to the end of :meth:`run`.
         resume: 'auto' (the newest readable checkpoint in ``output``, if any) or a checkpoint path.
         init_weights: start a new run from a spark-det full/encoder checkpoint or the paper's files.
         device: 'auto', 'cpu' or 'cuda'.
         log: where the main rank's messages go (``print`` by default).
+        reindex: rebuild the data source's cached index (:mod:`.index`) even if it looks fresh.
     """
 
     def __init__(self, config: dict[str, Any], data: PathLike, output: PathLike, resume: Optional[str] = None,
                  init_weights: Optional[PathLike] = None, device: str = "auto",
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, reindex: bool = False) -> None:
         self.cfg, self.data, self.output = config, data, Path(output)
         self.dist = init_distributed(device, config["dist_timeout_s"])
         self.device = self.dist.device
@@ -100,13 +100,12 @@ class Pretrainer:
             raise ConfigError(f"batch_size {cfg['batch_size']} must divide by ranks x accum_steps = "
                               f"{world} x {cfg['accum_steps']}")
         self.per_rank_batch = cfg["batch_size"] // world
-        self.dataset = UnlabeledImages(data, cfg["input_size"], seed=cfg["seed"])
-        self.dataset.require_readable()
+        self.source = open_source(data, cfg["input_size"], cfg["seed"], self.per_rank_batch, cfg["num_workers"],
+                                  self.dist, self.log, reindex)
+        self.source.require_readable()
         require_same_on_every_rank({"config": {k: v for k, v in cfg.items() if k != "num_workers"},
-                                    "images": len(self.dataset), "first": str(self.dataset.paths[0]),
-                                    "last": str(self.dataset.paths[-1])}, self.dist)
-        self.sampler = EpochSampler(len(self.dataset), self.per_rank_batch, self.dist.rank, world, seed=cfg["seed"])
-        self.iters_per_epoch = self.sampler.batches_per_epoch
+                                    "data": self.source.identity()}, self.dist)
+        self.iters_per_epoch = self.source.iters_per_epoch
 
         torch.manual_seed(cfg["seed"])
         self.spark = self._build_model()
@@ -195,6 +194,9 @@ class Pretrainer:
         self.start_epoch, self.start_iter = ckpt["epoch"], ckpt["iter"]
         self.skipped = set(ckpt.get("skipped_files", []))
         self._restore_rng(ckpt["rng"], (self.start_epoch, self.start_iter))
+        note = self.source.restore(ckpt.get("data"), self.start_epoch, self.start_iter)
+        if note:
+            self.log(f"[pretrain] {note}")
         if self.start_iter >= self.iters_per_epoch:
             self.start_epoch, self.start_iter = self.start_epoch + 1, 0
         if resume != "auto":
@@ -238,13 +240,13 @@ class Pretrainer:
     def save_checkpoint(self, epoch: int, next_iter: int) -> None:
         """Everything a resumed run needs, written atomically by the main rank, and only if every
         weight, statistic and optimizer moment is finite (otherwise training has diverged)."""
-        mine = (rng_state(), sorted(self.skipped))
+        mine = (rng_state(), sorted(self.skipped), self.source.state())
         gathered: list = [None] * self.dist.world_size
         if self.dist.distributed:
             torch.distributed.all_gather_object(gathered, mine)
         else:
             gathered = [mine]
-        self.skipped = set().union(*(set(files) for _, files in gathered))
+        self.skipped = set().union(*(set(files) for _, files, _ in gathered))
         if not all_true(self._state_is_finite()):
             raise NonFiniteLossError(f"weights or BatchNorm statistics are not finite at epoch {epoch} iteration "
                                      f"{next_iter} (no checkpoint written)", position=(epoch, next_iter))
@@ -253,7 +255,8 @@ class Pretrainer:
             self.run_dir.save({
                 "model": self.spark.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": epoch, "iter": next_iter,
-                "rng": [rng for rng, _ in gathered], "skipped_files": sorted(self.skipped), "config": self.cfg,
+                "rng": [rng for rng, _, _ in gathered], "skipped_files": sorted(self.skipped), "config": self.cfg,
+                "data": [data for _, _, data in gathered],
                 "arch": self.cfg["model"], "input_size": list(self.cfg["input_size"]),
             }, (epoch, next_iter))
 
@@ -349,18 +352,14 @@ class Pretrainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    def _preview_images(self) -> Optional[torch.Tensor]:
-        count = min(self.cfg["vis_images"], len(self.dataset))
-        return torch.stack([self.dataset[(0, i)]["image"] for i in range(count)]) if count else None
-
     def _run(self) -> PretrainResult:
         cfg, is_main = self.cfg, self.dist.is_main
         on_main_rank(self._write_config, self.dist)
-        self.log(f"[pretrain] {cfg['model']} on {len(self.dataset)} images, {self.dist.world_size} process(es) on "
+        self.log(f"[pretrain] {cfg['model']} on {self.source.describe()}, {self.dist.world_size} process(es) on "
                  f"{self.device}, global batch {cfg['batch_size']} ({self.per_rank_batch}/rank, {cfg['accum_steps']} "
                  f"accumulation step(s)), {self.iters_per_epoch} it/epoch x {cfg['epochs']} epochs, peak lr "
                  f"{self.peak_lr:.3g}; {self.init_note}")
-        preview = self._preview_images()
+        preview = self.source.preview(cfg["vis_images"])
         if self.start_epoch > 0 and self.start_iter == 0:  # resumed at an epoch end: finish what a kill cut short
             written = on_main_rank(lambda: self._write_epoch_outputs(self.start_epoch, preview, only_missing=True),
                                    self.dist)
@@ -408,11 +407,8 @@ class Pretrainer:
             with self._stop_on_sigterm():
                 for epoch in range(self.start_epoch, cfg["epochs"]):
                     first = self.start_iter if epoch == self.start_epoch else 0
-                    self.sampler.set_epoch(epoch, first)
-                    loader = DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
-                                        collate_fn=collate, num_workers=cfg["num_workers"],
-                                        pin_memory=self.device.type == "cuda", drop_last=True,
-                                        worker_init_fn=_leave_sigterm_to_the_trainer)
+                    loader = self.source.loader(epoch, first, pin_memory=self.device.type == "cuda",
+                                                worker_init_fn=_leave_sigterm_to_the_trainer)
                     train_one_epoch(self.model, self.spark, loader, self.optimizer, self.schedule, epoch,
                                     self.iters_per_epoch, first, self.device, cfg["seed"], cfg["accum_steps"],
                                     cfg["clip_grad"], self.amp_dtype, self.scaler, cfg["channels_last"], on_iteration,

@@ -1,0 +1,429 @@
+"""WebDataset tar shards as a pretraining data source: data beyond a folder, streamed.
+
+``--data`` may be a shard pattern (``shards/train-{000000..000127}.tar``), several joined by
+``::``, or any URL the ``webdataset`` library opens (``pipe:aws s3 cp s3://b/x.tar -``,
+``https://...``). Each sample's image is its first member with an image extension
+(``000000123.jpg``); its key (``__key__``) seeds its crop and mask exactly as a folder's index
+does: a decimal key is the number itself (``spark-det pack-shards`` writes the folder index, so
+a folder and the shards packed from it give every image the same crop and mask), any other key
+its 63-bit hash.
+
+How an epoch is read (a pure function of seed, epoch, process count and ``num_workers``):
+
+- An epoch is ``total samples // global batch`` iterations, like a folder's.
+- The shards are shuffled per epoch and dealt to the ``ranks x workers`` data workers, each
+  next shard to the worker with the fewest samples so far; every worker reads whole shards.
+- DataLoader takes batches from its workers round robin, so batch ``j`` of a rank comes from
+  worker ``j % workers``; each worker produces exactly its share of the epoch's batches. When
+  shard sizes are equal (pack-shards makes them so) every sample is read at most once per
+  epoch; otherwise a worker whose shards run out reads its first ones again, and one with more
+  leaves the rest for the next epoch's shuffle: at most one shard per worker and epoch.
+
+Resume: every batch carries its worker's stream position (shard and member after it), and
+checkpoints keep the position of every worker's last trained batch, so a run resumed with the
+same process count and ``num_workers`` continues exactly. With another layout the epoch is
+continued approximately: each new worker starts at the shard the same fraction through its
+list as the epoch is through its iterations (at most about one shard per worker read twice or
+skipped in that epoch); from the next epoch on the stream is exact for the new layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import os
+import tarfile
+import warnings
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..errors import DataError
+from .data import IMAGE_EXTENSIONS, UNREADABLE, collate, load_rgb, pretrain_transform
+from .index import IndexCache, NameIndex, Progress, shared_index
+from .sampler import sample_seed
+
+IMAGE_MEMBERS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
+Position = tuple[int, int]  # (place in the worker's shard list, next member of that shard)
+
+
+def is_shard_source(data: object) -> bool:
+    """Whether ``--data`` names WebDataset shards rather than a folder or a path list."""
+    text = str(data)
+    if text.startswith(REMOTE_PREFIXES) or "::" in text:
+        return True
+    if "{" in text and ".." in text and "}" in text:
+        return True
+    return text.endswith((".tar", ".tar.gz", ".tgz")) and os.path.isfile(text)
+
+
+def _is_local(url: str) -> bool:
+    return not url.startswith(REMOTE_PREFIXES) and "://" not in url
+
+
+def expand_shards(spec: str) -> list[str]:
+    """The shard URLs of a pattern (``::`` lists, brace ranges), via webdataset."""
+    from webdataset.shardlists import expand_urls
+
+    urls = [os.path.abspath(os.path.expanduser(u)) if _is_local(u) else u for u in expand_urls(spec)]
+    if not urls:
+        raise DataError(f"{spec} names no shards")
+    return urls
+
+
+def sample_key(key: str) -> int:
+    """The integer that seeds a sample's crop and mask: a decimal key itself, else a 63-bit hash."""
+    if key.isdigit():
+        return int(key)
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _member_key(name: str) -> Optional[str]:
+    from webdataset.tariterators import base_plus_ext
+
+    return base_plus_ext(name)[0]
+
+
+def count_samples(url: str) -> int:
+    """How many samples (runs of members with the same key) a shard holds. A local tar is read
+    header by header (tarfile seeks over the contents); a remote one is streamed once."""
+    try:
+        if _is_local(url):
+            with tarfile.open(url, mode="r:*") as tar:
+                names = (m.name for m in tar if m.isreg())
+                return _count_keys(names)
+        from webdataset.gopen import gopen
+
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            return _count_keys(m.name for m in tar if m.isreg())
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise DataError(f"cannot read shard {url}: {exc}") from exc
+
+
+def _count_keys(names: Iterator[str]) -> int:
+    count, last = 0, None
+    for name in names:
+        key = _member_key(name)
+        if key is not None and key != last and not os.path.basename(name).startswith("__"):
+            count, last = count + 1, key
+    return count
+
+
+def _stamp(url: str) -> list[int]:
+    st = os.stat(url)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def index_shards(spec: str, info: Any = None, log: Any = print, reindex: bool = False) -> NameIndex:
+    """The shard URLs of ``spec`` with their sample counts (``.counts``), from the cached index
+    (counted once by rank 0; local shards recounted when one's size or mtime changes)."""
+    urls = expand_shards(spec)
+    local = [u for u in urls if _is_local(u)]
+
+    def build() -> tuple[list[str], np.ndarray, dict]:
+        missing = [u for u in local if not os.path.isfile(u)]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(urls)} shards of {spec} do not exist, e.g. {missing[0]}")
+        progress = Progress(log, spec)
+        counts = []
+        for url in urls:
+            counts.append(count_samples(url))
+            progress.tick(len(counts), "shards")
+        return urls, np.asarray(counts, dtype=np.int64), {"stamps": [_stamp(u) for u in local]}
+
+    def fresh(meta: dict) -> bool:
+        try:
+            return meta.get("stamps") == [_stamp(u) for u in local]
+        except OSError:
+            return False
+
+    index = shared_index(IndexCache("shards", "::".join(urls), label=spec), fresh, build, info, log, reindex)
+    if index.counts is None or int(np.sum(index.counts)) == 0:
+        raise DataError(f"the shards of {spec} hold no samples")
+    return index
+
+
+def deal_shards(counts: Sequence[int], seed: int, epoch: int, workers: int) -> list[list[int]]:
+    """Each data worker's shards for an epoch: shuffled by (seed, epoch), each next shard to the
+    worker with the fewest samples so far (ties: the lowest worker)."""
+    order = np.random.default_rng([seed, epoch, 0x5AAD]).permutation(len(counts))
+    load = [(0, w) for w in range(workers)]
+    dealt: list[list[int]] = [[] for _ in range(workers)]
+    for shard in order.tolist():
+        samples, worker = heapq.heappop(load)
+        dealt[worker].append(shard)
+        heapq.heappush(load, (samples + int(counts[shard]), worker))
+    return dealt
+
+
+def batches_of_worker(worker: int, workers: int, first: int, iters: int) -> int:
+    """How many of a rank's batches ``first..iters-1`` worker ``worker`` produces (batch j comes from j % workers)."""
+    return len(range(first + (worker - first) % workers, iters, workers))
+
+
+class ShardStream(IterableDataset):
+    """The samples of one rank's share of the shards, for one epoch (see the module docstring).
+
+    Items are dicts like :class:`~spark_det.train.data.UnlabeledImages`'s, plus ``position``:
+    (worker, place in its shard list, next member), the point its stream has reached.
+    """
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], input_size: Sequence[int], seed: int,
+                 batch_size: int, iters_per_epoch: int, rank: int = 0, world_size: int = 1,
+                 scale: tuple[float, float] = (0.67, 1.0)) -> None:
+        self.urls, self.counts = urls, counts
+        self.transform = pretrain_transform(input_size, scale)
+        self.seed, self.batch_size, self.iters = seed, batch_size, iters_per_epoch
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.first, self.workers = 0, 0, 1
+        self.starts: dict[int, Position] = {}
+
+    def configure(self, epoch: int, first: int, workers: int, starts: dict[int, Position]) -> None:
+        """Read epoch ``epoch`` from the rank's batch ``first`` with ``workers`` workers, each
+        logical worker from ``starts[worker]`` (default: the start of its list)."""
+        self.epoch, self.first, self.workers, self.starts = epoch, first, max(workers, 1), starts
+
+    def shard_lists(self) -> list[list[int]]:
+        """This rank's workers' shard lists for the configured epoch."""
+        dealt = deal_shards(self.counts, self.seed, self.epoch, self.world_size * self.workers)
+        return dealt[self.rank * self.workers:(self.rank + 1) * self.workers]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        # DataLoader starts at its worker 0; after a resume at batch `first`, worker 0 plays the
+        # logical worker that would have produced batch `first`, so the order is unchanged.
+        worker = (loader_worker + self.first) % self.workers
+        mine = self.shard_lists()[worker]
+        wanted = batches_of_worker(worker, self.workers, self.first, self.iters) * self.batch_size
+        if wanted and not mine:
+            raise DataError(f"data worker {worker} of rank {self.rank} has no shard")
+        yield from self._read(worker, mine, wanted, self.starts.get(worker, (0, 0)))
+
+    def _read(self, worker: int, mine: list[int], wanted: int, start: Position) -> Iterator[dict]:
+        from webdataset.tariterators import tarfile_samples
+
+        produced, place, skip = 0, start[0], start[1]
+        skipped: list[int] = []
+        while produced < wanted:
+            url = self.urls[mine[place % len(mine)]]
+            member = 0
+            try:
+                for sample in tarfile_samples([{"url": url}]):
+                    member += 1
+                    if member <= skip:
+                        continue
+                    key = sample_key(sample["__key__"])
+                    image = self._image(sample, url)
+                    if image is None:
+                        skipped.append(key)
+                        continue
+                    produced += 1
+                    yield {"image": image, "skipped": skipped, "key": (self.epoch, key),
+                           "position": (worker, place, member)}
+                    skipped = []
+                    if produced == wanted:
+                        return
+            except (OSError, ValueError, tarfile.TarError, EOFError) as exc:
+                warnings.warn(f"skipping the rest of shard {url} after {member} samples: {exc}", stacklevel=2)
+            place, skip = place + 1, 0
+            if produced == 0 and place - start[0] >= len(mine):
+                raise DataError(f"no sample of the {len(mine)} shard(s) of data worker {worker} can be read "
+                                f"(e.g. {url}): are the shards corrupt?")
+
+    def _image(self, sample: dict, url: str) -> Optional[torch.Tensor]:
+        member = next((ext for ext in sample if ext.rsplit(".", 1)[-1] in IMAGE_MEMBERS), None)
+        if member is None:
+            warnings.warn(f"skipping sample {sample['__key__']} of {url}: no image member "
+                          f"({', '.join(k for k in sample if not k.startswith('__'))})", stacklevel=3)
+            return None
+        try:
+            image = load_rgb(io.BytesIO(sample[member]))
+        except UNREADABLE as exc:
+            warnings.warn(f"skipping unreadable image {sample['__key__']}.{member} of {url}: {exc}", stacklevel=3)
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, sample_key(sample["__key__"])))
+            return self.transform(image)
+
+    def first_images(self, count: int) -> list[dict]:
+        """The first ``count`` readable samples of the first shards (URL order), keyed as epoch 0."""
+        from webdataset.tariterators import tarfile_samples
+
+        found: list[dict] = []
+        epoch, self.epoch = self.epoch, 0
+        try:
+            for url in self.urls:
+                for sample in tarfile_samples([{"url": url}]):
+                    image = self._image(sample, url)
+                    if image is not None:
+                        found.append({"image": image, "key": (0, sample_key(sample["__key__"]))})
+                    if len(found) == count:
+                        return found
+        except (OSError, ValueError, tarfile.TarError, EOFError) as exc:
+            raise DataError(f"cannot read shard {url}: {exc}") from exc
+        finally:
+            self.epoch = epoch
+        return found
+
+
+class ShardSource:
+    """Pretraining data from WebDataset shards: what the Pretrainer needs of a data source."""
+
+    def __init__(self, spec: str, input_size: Sequence[int], seed: int, per_rank_batch: int, num_workers: int,
+                 info: Any, log: Any = print, reindex: bool = False) -> None:
+        self.spec, self.info = spec, info
+        self.index = index_shards(spec, info, log, reindex)
+        self.total = int(np.sum(self.index.counts))
+        workers = info.world_size * max(num_workers, 1)
+        if len(self.index) < workers:
+            raise DataError(f"{len(self.index)} shard(s) cannot feed {info.world_size} rank(s) x "
+                            f"{max(num_workers, 1)} data worker(s): each worker reads whole shards; pack more, "
+                            f"smaller shards (spark-det pack-shards --shard-size) or lower num_workers")
+        global_batch = per_rank_batch * info.world_size
+        self.iters_per_epoch = self.total // global_batch
+        if self.iters_per_epoch == 0:
+            raise DataError(f"{self.total} samples are fewer than one global batch ({per_rank_batch} x "
+                            f"{info.world_size} ranks)")
+        self.stream = ShardStream(self.index, self.index.counts, input_size, seed, per_rank_batch,
+                                  self.iters_per_epoch, info.rank, info.world_size)
+        self.num_workers, self.per_rank_batch = num_workers, per_rank_batch
+        self.positions: dict[int, Position] = {}
+        self.saved: Optional[tuple[int, int, dict]] = None  # (epoch, first, starts) restored from a checkpoint
+        self.note = ""
+
+    def __len__(self) -> int:
+        return self.total
+
+    def describe(self) -> str:
+        return f"{self.total:,} samples in {len(self.index):,} shards"
+
+    def identity(self) -> dict:
+        return {"samples": self.total, "index": self.index.meta["digest"]}
+
+    def require_readable(self) -> None:
+        if not self.stream.first_images(1):
+            raise DataError(f"no sample of {self.spec} can be read: are the shards corrupt, or not images?")
+
+    def preview(self, count: int) -> Optional[torch.Tensor]:
+        items = self.stream.first_images(count) if count else []
+        return torch.stack([it["image"] for it in items]) if items else None
+
+    def loader(self, epoch: int, first: int, **kwargs: Any) -> Iterator[dict]:
+        """Batches ``first..`` of ``epoch``; remembers each worker's position as batches are taken."""
+        workers = max(self.num_workers, 1)
+        starts: dict[int, Position] = {}
+        if first:
+            starts = self._starts(epoch, first, workers)
+        self.positions = dict(starts)
+        self.stream.configure(epoch, first, workers, starts)
+        loader = DataLoader(self.stream, batch_size=self.per_rank_batch, collate_fn=collate,
+                            num_workers=self.num_workers, drop_last=True, **kwargs)
+        for batch in loader:
+            worker, place, member = batch["position"]
+            self.positions[worker] = (place, member)
+            yield batch
+
+    def _starts(self, epoch: int, first: int, workers: int) -> dict[int, Position]:
+        if self.saved is not None and self.saved[:2] == (epoch, first):
+            return self.saved[2]
+        # another layout: each worker starts the same fraction through its shard list
+        lists = deal_shards(self.index.counts, self.stream.seed, epoch, self.info.world_size * workers)
+        mine = lists[self.info.rank * workers:(self.info.rank + 1) * workers]
+        return {w: (len(shards) * first // self.iters_per_epoch, 0) for w, shards in enumerate(mine)}
+
+    def state(self) -> dict:
+        """This rank's stream state, for a checkpoint."""
+        return {"layout": [self.info.world_size, max(self.num_workers, 1)],
+                "positions": {int(w): list(p) for w, p in self.positions.items()}}
+
+    def restore(self, saved: Optional[list], epoch: int, first: int) -> str:
+        """Take the stream positions of a checkpoint (one state per rank) resumed at (epoch, first);
+        returns a note for the log when the resume is approximate."""
+        layout = [self.info.world_size, max(self.num_workers, 1)]
+        if first == 0:
+            return ""
+        if saved and len(saved) == self.info.world_size and all(s and s.get("layout") == layout for s in saved):
+            mine = saved[self.info.rank]["positions"]
+            self.saved = (epoch, first, {int(w): (int(p[0]), int(p[1])) for w, p in mine.items()})
+            return ""
+        was = saved[0].get("layout") if saved and saved[0] else "unknown"
+        return (f"the checkpoint's shard streams were read by {was} (ranks, workers), this run has {layout}: "
+                f"epoch {epoch} continues approximately (each worker from the shard as far through its list as "
+                f"the epoch is through its iterations); exact from epoch {epoch + 1} on")
+
+
+def shard_pattern(prefix: str, count: int) -> str:
+    """The ``--data`` pattern of the shards :func:`pack_shards` wrote."""
+    return f"{prefix}-{{{0:06d}..{count - 1:06d}}}.tar" if count > 1 else f"{prefix}-000000.tar"
+
+
+def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool = False,
+                log: Any = print) -> list[str]:
+    """Pack a folder or path list into WebDataset shards ``<prefix>-000000.tar``, ... of
+    ``shard_size`` samples each, and check them by reading them back.
+
+    Each sample is the file's bytes as they are (no re-encoding: the same decode as the folder)
+    under the key of its folder index (``000000123.jpg``) and its relative path (``.path``), so
+    training from the shards gives every image the crop and mask it gets from the folder. Files
+    whose header is not an image are left out and reported; each shard is written atomically.
+    """
+    from PIL import Image
+    from webdataset import TarWriter
+
+    from ..io import write_atomic
+    from .data import find_images
+
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    prefix = os.path.abspath(os.path.expanduser(prefix))
+    folder = os.path.dirname(prefix)
+    existing = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                      if n.startswith(os.path.basename(prefix) + "-") and n.endswith(".tar"))
+    if existing and not overwrite:
+        raise DataError(f"{folder} already holds shards {existing[0]}, ...; choose another --output or add "
+                        "--overwrite")
+    images = find_images(data, log=log)
+    os.makedirs(folder, exist_ok=True)
+    written: list[str] = []
+    left_out: list[str] = []
+
+    def write_shard(f: Any, start: int) -> None:
+        with TarWriter(f, encoder=False, mtime=0) as tar:  # mtime=0: the same files give the same bytes
+            for i in range(start, min(start + shard_size, len(images))):
+                path = images[i]
+                try:
+                    with Image.open(path) as img:
+                        img.size  # noqa: B018 (parses the header)
+                    payload = path.read_bytes()
+                except UNREADABLE as exc:
+                    left_out.append(f"{path}: {exc}")
+                    continue
+                ext = path.suffix.lower().lstrip(".")
+                tar.write({"__key__": f"{i:09d}", ext: payload, "path": os.fsencode(images.names[i])})
+
+    progress = Progress(log, data)
+    umask = os.umask(0)
+    os.umask(umask)
+    for number, start in enumerate(range(0, len(images), shard_size)):
+        path = f"{prefix}-{number:06d}.tar"
+        write_atomic(path, lambda f, start=start: write_shard(f, start))
+        os.chmod(path, 0o666 & ~umask)  # readable like any file the user writes (temporaries are private)
+        written.append(path)
+        progress.tick(min(start + shard_size, len(images)), "images packed")
+    for stale in existing[len(written):]:  # an earlier, longer packing under the same prefix
+        os.remove(os.path.join(folder, stale))
+    packed = sum(count_samples(p) for p in written)
+    if packed != len(images) - len(left_out):
+        raise DataError(f"the shards hold {packed} samples, {len(images) - len(left_out)} were written: "
+                        "is the disk failing?")
+    for line in left_out[:10]:
+        log(f"[pack-shards] left out {line}")
+    log(f"[pack-shards] {packed:,} images in {len(written)} shard(s) of up to {shard_size}"
+        + (f"; {len(left_out)} file(s) left out (not images)" if left_out else "")
+        + f"; train with --data '{shard_pattern(prefix, len(written))}'")
+    return written
