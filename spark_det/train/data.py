@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -241,6 +241,18 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+def one_line_errors(batches: Iterable[dict]) -> Iterator[dict]:
+    """``batches``, with a DataError raised in a DataLoader worker (which torch re-raises with the
+    worker's traceback in its message) turned back into its own one-line message."""
+    try:
+        yield from batches
+    except DataError as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) == 1:
+            raise
+        raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
+
+
 class FolderSource:
     """Pretraining data from a folder or a path list: what the Pretrainer needs of a data source
     (the other one is :class:`~spark_det.train.shards.ShardSource`)."""
@@ -270,10 +282,10 @@ class FolderSource:
         count = min(count, len(self.dataset))
         return torch.stack([self.dataset[(0, i)]["image"] for i in range(count)]) if count else None
 
-    def loader(self, epoch: int, first: int, **kwargs: Any) -> DataLoader:
+    def loader(self, epoch: int, first: int, **kwargs: Any) -> Iterator[dict]:
         self.sampler.set_epoch(epoch, first)
-        return DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler, collate_fn=collate,
-                          num_workers=self.num_workers, drop_last=True, **kwargs)
+        return one_line_errors(DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
+                                          collate_fn=collate, num_workers=self.num_workers, drop_last=True, **kwargs))
 
     def state(self) -> None:
         return None  # the order is a pure function of (seed, epoch): nothing to keep

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -50,8 +51,12 @@ class NameIndex(Sequence[str]):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
-        self._names = np.memmap(folder / "names.bin", dtype=np.uint8, mode="r") if self.meta["bytes"] else \
-            np.zeros(0, np.uint8)
+        # mmap slices are bytes: reading a name creates no GC-tracked object, so a worker's garbage
+        # collections stay small (numpy memmap views would be tracked objects)
+        self._names: Any = b""
+        if self.meta["bytes"]:
+            with open(folder / "names.bin", "rb") as f:
+                self._names = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._offsets = np.load(folder / "offsets.npy", mmap_mode="r")
         self.counts = np.load(folder / "counts.npy", mmap_mode="r") if (folder / "counts.npy").exists() else None
 
@@ -64,7 +69,7 @@ class NameIndex(Sequence[str]):
         if not 0 <= i < len(self):
             raise IndexError(i)
         start, end = int(self._offsets[i]), int(self._offsets[i + 1])
-        return os.fsdecode(self._names[start:end].tobytes())
+        return os.fsdecode(self._names[start:end])
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))

@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import DataError
-from .data import IMAGE_EXTENSIONS, UNREADABLE, collate, load_rgb, pretrain_transform
+from .data import IMAGE_EXTENSIONS, UNREADABLE, collate, load_rgb, one_line_errors, pretrain_transform
 from .index import IndexCache, NameIndex, Progress, shared_index
 from .sampler import sample_seed
 
@@ -323,7 +323,7 @@ class ShardSource:
         self.stream.configure(epoch, first, workers, starts)
         loader = DataLoader(self.stream, batch_size=self.per_rank_batch, collate_fn=collate,
                             num_workers=self.num_workers, drop_last=True, **kwargs)
-        for batch in loader:
+        for batch in one_line_errors(loader):
             worker, place, member = batch["position"]
             self.positions[worker] = (place, member)
             yield batch

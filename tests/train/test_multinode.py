@@ -136,12 +136,38 @@ def test_two_torchrun_agents_on_one_host_train_like_one_process(images, straight
 
 
 def test_srun_without_torchrun_reads_the_slurm_variables(images, straight, tmp_path):
-    out, port = tmp_path / "run", next(_ports)
+    # and each task has a node-local cache: rank 0 indexes the data, rank 1 receives the index
+    out, port, caches = tmp_path / "run", next(_ports), [tmp_path / "cache0", tmp_path / "cache1"]
     results = together([([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)],
-                         slurm_task(rank, port)) for rank in (0, 1)])
+                         {**slurm_task(rank, port), "SPARK_DET_CACHE": str(caches[rank])}) for rank in (0, 1)])
     assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
-    assert "2 process(es)" in results[0][1]
+    assert "2 process(es)" in results[0][1] and "sent the index to 1 rank(s)" in results[0][1]
+    built = [sorted(p.read_bytes() for p in cache.glob("data-index/*/*/names.bin")) for cache in caches]
+    assert built[0] and built[0] == built[1]
     assert_same_run(out, straight)
+
+
+@pytest.fixture(scope="module")
+def shards(images, tmp_path_factory):
+    from spark_det.train.shards import pack_shards
+
+    prefix = tmp_path_factory.mktemp("shards") / "train"
+    count = len(pack_shards(str(images), str(prefix), shard_size=4, log=lambda _: None))
+    return f"{prefix}-{{000000..{count - 1:06d}}}.tar"
+
+
+def test_shards_on_two_processes_with_two_workers_each_stop_and_resume_exactly(shards, tmp_path):
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    run_processes(2, *tool_args(shards, straight, "num_workers=2", resume=False))
+    run_processes(2, *tool_args(shards, out, "num_workers=2"), stop=3)
+    resumed = run_processes(2, *tool_args(shards, out, "num_workers=2"))
+    assert "continues approximately" not in resumed.stdout
+    assert_same_run(out, straight)
+    other = tmp_path / "other"  # resumed on one process: the documented approximation, and the run completes
+    run_processes(2, *tool_args(shards, other, "num_workers=2"), stop=3)
+    proc = run_processes(1, *tool_args(shards, other, "num_workers=2"))
+    assert "continues approximately" in proc.stdout
+    assert [(r["epoch"], r["iter"]) for r in records(other)] == [(r["epoch"], r["iter"]) for r in records(straight)]
 
 
 def test_ranks_launched_with_different_overrides_stop_with_one_line(images, tmp_path):
