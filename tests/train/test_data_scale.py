@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from spark_det.cli import pack_shards as pack_cli
-from spark_det.cli import pretrain as pretrain_cli
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.train import load_config
 from spark_det.train.data import UnlabeledImages, find_images
@@ -134,7 +133,8 @@ def test_forked_workers_read_the_index_without_copying_it(tmp_path):
     assert mapped_total == listed_total == sum(len(n) for n in names)
     # a few MB at most, whatever the size: pymalloc pools the parent left partly used, not the index
     assert listed_mb > 20, f"the measurement cannot see copy-on-write growth ({listed_mb:.1f} MB)"
-    assert mapped_mb < 6 and listed_mb > 5 * mapped_mb, f"touching every entry: index +{mapped_mb:.1f} MB, list +{listed_mb:.1f} MB"
+    assert mapped_mb < 6 and listed_mb > 5 * mapped_mb, (
+        f"touching every entry: index +{mapped_mb:.1f} MB, list +{listed_mb:.1f} MB")
 
 
 # --------------------------------------------------------------------------------------------
