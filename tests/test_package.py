@@ -62,7 +62,7 @@ def test_the_console_script_lists_every_tool_and_each_tool_has_a_shim():
     for name in COMMANDS:
         assert name in proc.stdout
     shims = {p.stem for p in (ROOT / "tools").glob("*.py")}
-    assert shims == {"pretrain", "convert_weights", "visualize", "demo", "collect_env", "make_synthetic_data",
-                     "train_det2", "train_mmdet"}
+    assert shims == {"pretrain", "pack_shards", "convert_weights", "visualize", "demo", "collect_env",
+                     "make_synthetic_data", "train_det2", "train_mmdet"}
     for shim in (ROOT / "tools").glob("*.py"):
         assert len(shim.read_text().splitlines()) <= 10, f"{shim.name} holds logic; it belongs in spark_det/"

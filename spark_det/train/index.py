@@ -60,6 +60,9 @@ class NameIndex(Sequence[str]):
         self._offsets = np.load(folder / "offsets.npy", mmap_mode="r")
         self.counts = np.load(folder / "counts.npy", mmap_mode="r") if (folder / "counts.npy").exists() else None
 
+    def __reduce__(self) -> tuple:
+        return NameIndex, (self.folder,)  # a spawned worker maps the files itself
+
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
