@@ -82,6 +82,16 @@ def sample_key(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def read_samples(url: str, images_only: bool = True) -> Iterator[dict]:
+    """The samples of one shard, as webdataset groups them (``{"__key__": ..., "jpg": bytes, ...}``).
+    The pipeline of ``webdataset.tarfile_samples``, with a 1 MiB read buffer and (``images_only``)
+    the bytes of members that are not images left unread."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    select = (lambda name: name.rsplit(".", 1)[-1].lower() in IMAGE_MEMBERS) if images_only else None
+    return group_by_keys(tar_file_expander(url_opener([{"url": url}], bufsize=1 << 20), select_files=select))
+
+
 def _member_key(name: str) -> Optional[str]:
     from webdataset.tariterators import base_plus_ext
 
@@ -205,15 +215,13 @@ class ShardStream(IterableDataset):
         yield from self._read(worker, mine, wanted, self.starts.get(worker, (0, 0)))
 
     def _read(self, worker: int, mine: list[int], wanted: int, start: Position) -> Iterator[dict]:
-        from webdataset.tariterators import tarfile_samples
-
         produced, place, skip = 0, start[0], start[1]
         skipped: list[int] = []
         while produced < wanted:
             url = self.urls[mine[place % len(mine)]]
             member = 0
             try:
-                for sample in tarfile_samples([{"url": url}]):
+                for sample in read_samples(url):  # samples without an image member are not in the stream
                     member += 1
                     if member <= skip:
                         continue
@@ -252,13 +260,11 @@ class ShardStream(IterableDataset):
 
     def first_images(self, count: int) -> list[dict]:
         """The first ``count`` readable samples of the first shards (URL order), keyed as epoch 0."""
-        from webdataset.tariterators import tarfile_samples
-
         found: list[dict] = []
         epoch, self.epoch = self.epoch, 0
         try:
             for url in self.urls:
-                for sample in tarfile_samples([{"url": url}]):
+                for sample in read_samples(url, images_only=False):  # names what a sample holds instead
                     image = self._image(sample, url)
                     if image is not None:
                         found.append({"image": image, "key": (0, sample_key(sample["__key__"]))})
