@@ -196,7 +196,22 @@ def throughput(folder: Path, shard_prefix: Path, samples: int, rounds: int) -> d
             if count == samples:
                 break
         rates["shards"].append(samples / (time.process_time() - started))
-    return {kind: round(sorted(values)[len(values) // 2], 1) for kind, values in rates.items()}
+    result = {kind: round(sorted(values)[len(values) // 2], 1) for kind, values in rates.items()}
+    # the readers alone (bytes of every image, no decode), in microseconds of CPU per image
+    from spark_det.train.shards import read_samples
+
+    started = time.process_time()
+    for _ in range(rounds):
+        for i in range(len(images)):
+            images[i].read_bytes()
+    result["folder_read_us"] = round((time.process_time() - started) / (rounds * len(images)) * 1e6, 1)
+    started = time.process_time()
+    for _ in range(rounds):
+        for url in index:
+            for _sample in read_samples(url):
+                pass
+    result["shards_read_us"] = round((time.process_time() - started) / (rounds * len(images)) * 1e6, 1)
+    return result
 
 
 def main() -> None:
