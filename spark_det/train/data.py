@@ -66,7 +66,8 @@ def _walk_images(root: Path, progress: Progress) -> tuple[list[str], list[list]]
                     pending.append(name)
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
                     names.append(name)
-        progress.tick(len(names), "images")
+                    if len(names) % 8192 == 0:
+                        progress.tick(len(names), "images")
     names.sort(key=lambda n: n.replace("/", "\0"))  # the order of sorted(Path) objects: by path parts
     return names, folders
 

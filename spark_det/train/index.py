@@ -121,8 +121,8 @@ class IndexCache:
 
     def write(self, names: bytes, offsets: np.ndarray, counts: Optional[np.ndarray], meta: dict[str, Any],
               build: Optional[str] = None) -> str:
-        """Write a build (into a temporary folder, renamed into place) and make it current; older
-        builds are removed (a process that still maps one keeps its pages: POSIX unlink semantics)."""
+        """Write a build (into a temporary folder, renamed into place) and make it current; builds
+        it supersedes are removed after a day."""
         build = build or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.folder / f".{build}.{uuid.uuid4().hex[:8]}.tmp"
@@ -143,10 +143,21 @@ class IndexCache:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         write_atomic(self.folder / "current", lambda f: f.write(build.encode()))
-        for old in self.folder.iterdir():
-            if old.is_dir() and old.name != build and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+        self._remove_old_builds(keep=build)
         return build
+
+    def _remove_old_builds(self, keep: str, grace_s: float = 86400.0) -> None:
+        # A run started before the rebuild may still open its build (data workers of a new epoch
+        # under the spawn start method map it by name), so superseded builds stay for a day.
+        now = time.time()
+        for old in self.folder.iterdir():
+            if old.is_dir() and old.name != keep and not old.name.startswith("."):
+                try:
+                    stale = now - (old / "meta.json").stat().st_mtime > grace_s
+                except OSError:
+                    stale = True
+                if stale:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def files(self, build: str) -> dict[str, bytes]:
         """A build's files, to send to a rank whose node cannot see this cache."""

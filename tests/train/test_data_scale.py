@@ -155,6 +155,19 @@ def test_shards_packed_from_a_folder_give_each_image_its_crop_from_the_folder(im
             assert torch.equal(item["image"], folder[(epoch_of, key)]["image"])
 
 
+def test_pipe_urls_stream_the_same_samples_as_local_shards(shards):
+    local = index_shards(shards, log=lambda _: None)
+    piped = index_shards(f"pipe:cat {shards}", log=lambda _: None)  # how object stores are read (aws s3 cp ... -)
+    assert list(piped.counts) == list(local.counts) and piped[0] == f"pipe:cat {local[0]}"
+    streams = [ShardStream(index, index.counts, (64, 64), seed=0, batch_size=4, iters_per_epoch=8)
+               for index in (local, piped)]
+    keys = []
+    for stream in streams:
+        stream.configure(0, 0, 1, {})
+        keys.append([it["key"] for it in stream])
+    assert keys[0] == keys[1] and len(keys[0]) == 32
+
+
 def test_every_sample_is_read_once_per_epoch_over_ranks_and_workers(shards):
     index = index_shards(shards, log=lambda _: None)
     keys = []
