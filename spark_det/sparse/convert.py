@@ -15,6 +15,14 @@ import torch.nn as nn
 from timm.layers import BatchNormAct2d, EffectiveSEModule, LayerNorm2d, SEModule
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.norm import LayerNorm2dFp32
+from timm.layers.norm_act import (
+    GroupNorm1Act,
+    GroupNormAct,
+    LayerNormAct,
+    LayerNormAct2d,
+    LayerNormAct2dFp32,
+    LayerNormActFp32,
+)
 
 from .blocks import RowBlock, row_block_for
 from .layers import (
@@ -26,6 +34,7 @@ from .layers import (
     SparseEffectiveSEModule,
     SparseGlobalResponseNorm,
     SparseGroupNorm,
+    SparseGroupNormAct,
     SparseLayer,
     SparseSEModule,
     sparse_subclass,
@@ -49,6 +58,14 @@ def _converter_for(module: nn.Module, impl: str) -> Optional[Callable[[nn.Module
     """The sparse replacement for ``module``, or None when it needs none (pointwise/container)."""
     if isinstance(module, SparseLayer):
         return None
+    # Norms with an activation: their whole forward (norm, drop, act) is kept, on both paths.
+    # LayerNorm normalises each position on its own, so the dense forward re-masked is exact.
+    if isinstance(module, (LayerNormAct2d, LayerNormAct2dFp32)):
+        return sparse_subclass(type(module), RemaskOutput).adopt
+    if isinstance(module, (LayerNormAct, LayerNormActFp32)):
+        return sparse_subclass(type(module), RemaskOutputChannelsLast).adopt
+    if isinstance(module, (GroupNormAct, GroupNorm1Act)):
+        return sparse_subclass(type(module), SparseGroupNormAct).adopt
     if impl == "fast":
         block = row_block_for(module)
         if block is not None:

@@ -113,6 +113,16 @@ class SparseGroupNorm(SparseLayer, nn.GroupNorm):
         return sparse_group_norm(x, self.active.like(x), self)
 
 
+class SparseGroupNormAct(SparseLayer):
+    """timm's GroupNormAct / GroupNorm1Act (BiT, ResNetV2-GN): visible-position GroupNorm, then
+    drop and activation as timm's forward, and masked positions zeroed again (an activation such
+    as GELU of 0 is 0, but not every one is)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.active.like(x)
+        return self.act(self.drop(sparse_group_norm(x, mask, self))) * mask
+
+
 class SparseSEModule(SparseLayer, SEModule):
     """Squeeze-excitation whose squeeze averages visible positions only (a dense global pool
     would average in the masked zeros and leak the mask ratio into every gate)."""
