@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import timm
 import torch
@@ -11,8 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropBlock2d, DropPath
 
-from ..sparse.convert import first_layer_fed_masked_values, modules_run_by, sparsify
+from ..sparse.convert import first_layer_fed_masked_values, naming_the_failing_layer, probe_modules, sparsify
 from ..sparse.masking import ActiveMask, masked_fill_pixels, upsample_mask
+
+T = TypeVar("T")
 
 NUM_SCALES = 4
 STOCHASTIC_LAYERS = (nn.modules.dropout._DropoutNd, DropPath, DropBlock2d)
@@ -28,6 +30,38 @@ def _randomise_norm(module: nn.Module, generator: torch.Generator) -> None:
         tensor = getattr(module, name, None)
         if isinstance(tensor, torch.Tensor):
             tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) * (high - low) + low)
+
+
+def module_outputs(model: nn.Module, run: Callable[[], T]) -> tuple[T, dict[str, torch.Tensor]]:
+    """``run()``'s result and the first tensor output of every module of ``model``, in run order."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, output: object) -> None:  # returns None: a hook's value would replace the output
+        if isinstance(output, torch.Tensor) and name not in outputs:
+            outputs[name] = output
+
+    handles = [m.register_forward_hook(lambda _m, _i, o, name=name: keep(name, o)) for name, m in model.named_modules()]
+    try:
+        return run(), outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def same_on_common_part(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` (the same input with more masked patches on the right) equals ``a`` where
+    they overlap: the last dimension (channels first) or the width dimension (channels last)
+    may be longer in ``b``; same-shaped tensors (pooled vectors) must be equal."""
+    if a.shape != b.shape:
+        if a.dim() != b.dim() or a.dim() < 3:
+            return True  # not a map this comparison understands
+        differ = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+        if len(differ) != 1:
+            return True
+        b = b.narrow(differ[0], 0, a.shape[differ[0]])
+    # float64 probe; 1e-4 leaves room for layers that compute in float32 (FRN, EvoNorm), while a
+    # statistic that counts masked positions is off by a factor of the visible fraction
+    return bool((a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item()))
 
 
 class SparseEncoder(nn.Module):
@@ -71,11 +105,12 @@ class SparseEncoder(nn.Module):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            ran = modules_run_by(model, lambda: self.model.forward_intermediates(probe, indices=NUM_SCALES))
-            sparsify(model, self.active, only=ran, impl=impl)
+            record = probe_modules(model, lambda: self.model.forward_intermediates(probe, indices=NUM_SCALES))
+            sparsify(model, self.active, impl=impl, probe=record)
         model.train(was_training)
         if verify:
-            self.verify()
+            with naming_the_failing_layer(self.model):
+                self.verify()
 
     @torch.no_grad()
     def verify(self) -> None:
@@ -109,13 +144,17 @@ class SparseEncoder(nn.Module):
         def padded(times: int) -> list[torch.Tensor]:
             return probe(F.pad(images, (0, times * 2 * r)), F.pad(visible, (0, times * 2)))
 
-        once, twice = padded(1), padded(2)
+        (once, outputs_once), (twice, outputs_twice) = (module_outputs(probe.model, lambda t=t: padded(t))
+                                                        for t in (1, 2))
         for level, (a, b) in enumerate(zip(once, twice)):
-            b = b[..., : a.shape[-1]]
-            if (a - b).abs().max() > 1e-9 * max(1.0, a.abs().max().item()):
+            if not same_on_common_part(a, b):
+                culprit = next((name for name, out in outputs_once.items()
+                                if name in outputs_twice and not same_on_common_part(out, outputs_twice[name])), None)
+                where = f"layer '{culprit}' ({type(dict(probe.model.named_modules())[culprit]).__qualname__})" \
+                    if culprit is not None else "a layer"
                 raise ValueError(
-                    f"{self.model_name}: features at scale {level} change when masked patches are added; a norm "
-                    "or pooled statistic on the forward path counts masked positions (is a sparse layer missing?)"
+                    f"{self.model_name}: features at scale {level} change when masked patches are added: {where} "
+                    "counts masked positions in a statistic or pooled value (it has no sparse version)"
                 )
             masked = ~upsample_mask(F.pad(visible, (0, 2)), a.shape[-2:])
             if a.masked_select(masked).abs().max() > 0:

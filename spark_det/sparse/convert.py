@@ -8,11 +8,22 @@ not know are refused, not run densely.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import BatchNormAct2d, EffectiveSEModule, LayerNorm2d, SEModule
+from timm.layers import (
+    BatchNormAct2d,
+    BlurPool2d,
+    EffectiveSEModule,
+    LayerNorm2d,
+    SEModule,
+    evo_norm,
+    filter_response_norm,
+)
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.norm import LayerNorm2dFp32
 from timm.layers.norm_act import (
@@ -40,6 +51,7 @@ from .layers import (
     sparse_subclass,
 )
 from .masking import ActiveMask
+from .reductions import VisibleReductions
 from .reference import (
     GatherScatterBatchNorm,
     GatherScatterLayerNorm,
@@ -52,6 +64,127 @@ class UnsupportedLayerError(TypeError):
 
 
 IMPLEMENTATIONS = ("fast", "reference")
+# Norms whose statistics over positions are computed in their own forward (x.var((2, 3)), ...):
+# run unchanged with those reductions over visible positions (:mod:`.reductions`).
+STATISTICS_NORMS: tuple[type, ...] = (
+    filter_response_norm.FilterResponseNormTlu2d, filter_response_norm.FilterResponseNormAct2d,
+    evo_norm.EvoNorm2dB0, evo_norm.EvoNorm2dB1, evo_norm.EvoNorm2dB2,
+    evo_norm.EvoNorm2dS0, evo_norm.EvoNorm2dS0a, evo_norm.EvoNorm2dS1, evo_norm.EvoNorm2dS1a,
+    evo_norm.EvoNorm2dS2, evo_norm.EvoNorm2dS2a,
+)
+
+
+@dataclass
+class ProbeRecord:
+    """What a dense probe forward showed of each module it ran: order and tensor shapes."""
+
+    order: list[str] = field(default_factory=list)
+    inputs: dict[str, Optional[tuple[int, ...]]] = field(default_factory=dict)  # first tensor argument
+    outputs: dict[str, Optional[tuple[int, ...]]] = field(default_factory=dict)
+
+
+def _shape(value: object) -> Optional[tuple[int, ...]]:
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def probe_modules(model: nn.Module, run: Callable[[], object]) -> ProbeRecord:
+    """Run ``run()`` (a dense forward) and record every module it calls, in order, with shapes."""
+    record = ProbeRecord()
+    handles = []
+    for name, module in model.named_modules():
+        def hook(_m, inputs, output, name=name):
+            if name not in record.inputs:
+                record.order.append(name)
+                record.inputs[name], record.outputs[name] = _shape(inputs), _shape(output)
+        handles.append(module.register_forward_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return record
+
+
+def is_pooled(shape: Optional[tuple[int, ...]]) -> bool:
+    """A tensor without positions: [B, C], [B, 1, C] (ECA), [B, C, 1, 1] or [B, 1, 1, C]. The probe
+    runs at twice the downsample ratio, so every real feature map has at least 2x2 positions."""
+    if shape is None:
+        return False
+    return len(shape) < 4 or tuple(shape[-2:]) == (1, 1) or (len(shape) == 4 and tuple(shape[1:3]) == (1, 1))
+
+
+@dataclass
+class PooledPlan:
+    """Where a model pools: the modules that run on pooled vectors (left dense: one vector per
+    sample, no positions) and the modules whose own forward does the pooling (their reductions
+    over positions are taken over visible positions, :mod:`.reductions`)."""
+
+    on_pooled: set[str]
+    owners: set[str]
+
+    @classmethod
+    def of(cls, model: nn.Module, record: ProbeRecord) -> "PooledPlan":
+        leaves = {name for name, m in model.named_modules() if not list(m.children())}
+        on_pooled = {n for n in record.order if n and is_pooled(record.inputs[n])}
+        owners = set()
+        for name in on_pooled:
+            ancestors = [name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)] + [""]
+            if any(a in on_pooled for a in ancestors):
+                continue  # inside a module that already runs on pooled vectors
+            owner = next((a for a in ancestors if a in record.inputs and not is_pooled(record.inputs[a])), "")
+            if owner == "":
+                raise UnsupportedLayerError(_unsupported(name, dict(model.named_modules())[name],
+                                                        "runs on pooled vectors that no module of the model pools"))
+            owners.add(owner)
+        # a leaf that pools by itself (nn.AdaptiveAvgPool2d(1), ...)
+        owners |= {n for n in record.order if n in leaves and not is_pooled(record.inputs[n])
+                   and is_pooled(record.outputs[n])}
+        return cls(on_pooled, owners)
+
+
+def _unsupported(name: str, module: nn.Module, why: str) -> str:
+    return (f"layer '{name or type(module).__name__}' ({type(module).__module__}.{type(module).__qualname__}) "
+            f"{why}")
+
+
+def acts_per_position(module: nn.Module, shape: tuple[int, ...]) -> Optional[bool]:
+    """Whether ``module`` maps each position of its [B, C, H, W] (True) or [B, H, W, C] (False)
+    input on its own, so that running it densely and re-masking is exact; None if not.
+
+    The layout comes from the probe's square maps (H == W); the property is tested, not assumed:
+    on a float64 copy with random parameters, changing one input element must change only the
+    outputs of its own sample and position.
+    """
+    if len(shape) != 4:
+        return None
+    channels_first = shape[2] == shape[3]
+    if not channels_first and shape[1] != shape[2]:
+        return None
+    probe = copy.deepcopy(module).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.5 + 0.5)
+        x = torch.randn(shape, generator=generator, dtype=torch.float64)
+        try:
+            y = probe(x)
+        except Exception:  # noqa: BLE001 (whatever fails here is not a per-position layer)
+            return None
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            return None
+        for b, i, j, k in ((0, 0, 0, 0), tuple(n - 1 for n in shape), (0, shape[1] // 2, shape[2] // 2, 0)):
+            x2 = x.clone()
+            x2[b, i, j, k] += 1.0
+            elsewhere = (probe(x2) - y).abs() > 0
+            if channels_first:
+                elsewhere[b, :, j, k] = False
+            else:
+                elsewhere[b, i, j, :] = False
+            if elsewhere.any():
+                return None
+    return channels_first
 
 
 def _converter_for(module: nn.Module, impl: str) -> Optional[Callable[[nn.Module, ActiveMask], nn.Module]]:
@@ -66,6 +199,10 @@ def _converter_for(module: nn.Module, impl: str) -> Optional[Callable[[nn.Module
         return sparse_subclass(type(module), RemaskOutputChannelsLast).adopt
     if isinstance(module, (GroupNormAct, GroupNorm1Act)):
         return sparse_subclass(type(module), SparseGroupNormAct).adopt
+    if isinstance(module, STATISTICS_NORMS):
+        return sparse_subclass(type(module), VisibleReductions).adopt
+    if isinstance(module, BlurPool2d):  # a fixed depthwise filter: a convolution
+        return sparse_subclass(type(module), RemaskOutput).adopt
     if impl == "fast":
         block = row_block_for(module)
         if block is not None:
@@ -108,6 +245,7 @@ def sparsify(
     active: ActiveMask,
     only: Optional[Iterable[str]] = None,
     impl: str = "fast",
+    probe: Optional[ProbeRecord] = None,
 ) -> nn.Module:
     """Convert ``model`` (in place, and returned) to sparse execution under ``active``.
 
@@ -119,35 +257,85 @@ def sparsify(
         impl: 'fast' (standard ResNet / ConvNeXt blocks run on visible rows,
             :mod:`.blocks`; other layers use masked reductions) or 'reference'
             (dense layers + re-masking, norms over gathered vectors, :mod:`.reference`).
+        probe: a dense forward's :class:`ProbeRecord` (``only`` defaults to the modules it ran).
+            With it, the structure decides the rest: modules that run on pooled vectors stay
+            dense, the modules that pool get visible-position reductions (:class:`PooledPlan`),
+            and a layer of unknown type that acts per position (tested) is run densely and re-masked.
     Raises:
         UnsupportedLayerError: a leaf module on the converted path has no sparse version and is
-            not known to be pointwise; the message names the module.
+            not known to be pointwise; the message names the module and its class.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if only is None and probe is not None:
+        only = probe.order
     selected = None if only is None else set(only)
+    plan = PooledPlan.of(model, probe) if probe is not None else PooledPlan(set(), set())
 
     def visit(parent: nn.Module, prefix: str) -> nn.Module:
+        chosen = selected is None or prefix in selected
+        if chosen and prefix in plan.on_pooled:
+            return parent  # one vector per sample: nothing to mask
         convert = _converter_for(parent, impl)
-        if convert is not None and (selected is None or prefix in selected):
+        if convert is not None and chosen:
             # SE modules and row blocks are replaced whole: their children run on pooled
             # [B, C, 1, 1] vectors or on gathered rows.
             return convert(parent, active)
         children = list(parent.named_children())
-        if not children and (selected is None or prefix in selected) and not isinstance(parent, SparseLayer):
-            if not isinstance(parent, POINTWISE_LAYERS):
-                raise UnsupportedLayerError(
-                    f"layer '{prefix or type(parent).__name__}' ({type(parent).__module__}."
-                    f"{type(parent).__qualname__}) has no sparse implementation in spark_det.sparse; "
-                    "it could mix masked and visible positions. Add a sparse version or use another model."
-                )
+        if chosen and prefix in plan.owners and not children:
+            return sparse_subclass(type(parent), VisibleReductions).adopt(parent, active)
+        if not children and chosen and not isinstance(parent, SparseLayer):
+            if isinstance(parent, POINTWISE_LAYERS):
+                return parent
+            layout = acts_per_position(parent, probe.inputs[prefix]) if probe and probe.inputs.get(prefix) else None
+            if layout is None:
+                raise UnsupportedLayerError(_unsupported(
+                    prefix, parent, "has no sparse implementation in spark_det.sparse and is not a per-position "
+                    "layer: it could mix masked and visible positions. Add a sparse version or use another model."))
+            return sparse_subclass(type(parent), RemaskOutput if layout else RemaskOutputChannelsLast).adopt(
+                parent, active)
         for name, child in children:
             new = visit(child, f"{prefix}.{name}" if prefix else name)
             if new is not child:
                 setattr(parent, name, new)
+        if chosen and prefix in plan.owners:
+            return sparse_subclass(type(parent), VisibleReductions).adopt(parent, active)
         return parent
 
     return visit(model, "")
+
+
+@contextlib.contextmanager
+def naming_the_failing_layer(model: nn.Module) -> Iterator[None]:
+    """Within it, an error raised inside a module of ``model`` is re-raised as an
+    :class:`UnsupportedLayerError` naming the innermost module it came from."""
+    stack: list[str] = []
+    failed: list[str] = []
+    handles = []
+    def enter(name: str) -> None:
+        stack.append(name)
+
+    def leave() -> None:  # a forward hook that returned a value would replace the module's output
+        stack.pop()
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, i, name=name: enter(name)))
+        handles.append(module.register_forward_hook(lambda m, i, o: leave()))
+    try:
+        yield
+    except UnsupportedLayerError:
+        raise
+    except (RuntimeError, ValueError, TypeError) as exc:
+        failed = stack[-1:]
+        if not failed:
+            raise
+        module = dict(model.named_modules())[failed[0]]
+        raise UnsupportedLayerError(_unsupported(failed[0], module, f"fails under sparse execution: "
+                                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                                    ) from exc
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def enable_sparse_sync_batchnorm(model: nn.Module, process_group: object = True) -> int:
@@ -164,19 +352,7 @@ def enable_sparse_sync_batchnorm(model: nn.Module, process_group: object = True)
 
 def modules_run_by(model: nn.Module, run: Callable[[], object]) -> list[str]:
     """Names of the modules that ``run()`` calls, in the order they first run."""
-    order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        def hook(_m, _inp, _out, name=name):
-            if name not in order:
-                order.append(name)
-        handles.append(module.register_forward_hook(hook))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+    return probe_modules(model, run).order
 
 
 def first_layer_fed_masked_values(model: nn.Module, run: Callable[[], object]) -> Optional[str]:

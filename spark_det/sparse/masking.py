@@ -46,8 +46,8 @@ def upsample_mask(visible: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     h, w = visible.shape[-2:]
     if size[0] % h or size[1] % w:
         raise ValueError(
-            f"feature map {tuple(size)} is not a multiple of the mask grid {(h, w)}: "
-            "the input size must be divisible by the encoder's downsample ratio"
+            f"feature map {tuple(size)} is not a multiple of the mask grid {(h, w)}, so the mask cannot be "
+            "placed on it (a layer that pads or crops its map, or an input size the grid does not divide)"
         )
     return visible.repeat_interleave(size[0] // h, dim=2).repeat_interleave(size[1] // w, dim=3)
 

@@ -147,8 +147,10 @@ def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, gn: nn.GroupNorm) -> 
     mg = mask.view(b, 1, 1, h, w)
     mean, var, _ = visible_moments(xg, mg, (2, 3, 4))
     y = ((xg.to(mean.dtype) - mean) * torch.rsqrt(var + gn.eps)).view(b, c, h, w)
-    if gn.affine:
-        y = y * gn.weight.view(1, -1, 1, 1) + gn.bias.view(1, -1, 1, 1)
+    if gn.weight is not None:  # timm's GroupNorm1NoBias keeps the weight only
+        y = y * gn.weight.view(1, -1, 1, 1)
+    if gn.bias is not None:
+        y = y + gn.bias.view(1, -1, 1, 1)
     return (y * mask.to(y.dtype)).to(_state_dtype(gn, x))
 
 
