@@ -96,3 +96,26 @@ def perturbed_encoder(arch: str):
         for p in encoder.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return encoder
+
+
+# the smallest model of each generic-backbone config's family, and its channels
+TIMM_SHRINK = {"efficientnet": ("efficientnet_b0", [24, 40, 112, 320]), "regnety": ("regnety_002", [24, 56, 152, 368])}
+
+
+def pretrained_exports(folder, archs=("efficientnet_b0", "regnety_002")) -> dict:
+    """Encoders pretrained with SparK for 2 iterations (spark-det's Pretrainer) and exported: {arch: path}."""
+    from pathlib import Path
+
+    from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
+    from spark_det.train import Pretrainer, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    images = write_unlabeled_images(Path(folder) / "images", 8, seed=0, cfg=SceneConfig(image_size=(64, 64)))
+    paths = {}
+    for arch in archs:
+        cfg = load_config(root / "pretrain" / "resnet18_smoke.yaml",
+                          [f"model={arch}", "input_size=[64,64]", "decoder_width=32", "batch_size=4", "epochs=1",
+                           "vis_images=0", "num_workers=0"])
+        result = Pretrainer(cfg, images, Path(folder) / arch, device="cpu", log=lambda _: None).run()
+        paths[arch] = result.encoder
+    return paths

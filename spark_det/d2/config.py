@@ -11,3 +11,8 @@ def add_spark_config(cfg: CfgNode) -> None:
     cfg.MODEL.CONVNEXT.NAME = "convnext_base"  # any timm ConvNeXt name
     cfg.MODEL.CONVNEXT.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.CONVNEXT.DROP_PATH_RATE = 0.0  # freezing: Detectron2's own MODEL.BACKBONE.FREEZE_AT
+    cfg.MODEL.TIMM = CfgNode()  # the generic backbone (build_timm_fpn_backbone), any SparK-supported timm CNN
+    cfg.MODEL.TIMM.NAME = "efficientnet_b3"
+    cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
+    cfg.MODEL.TIMM.WEIGHTS = ""  # a spark-det encoder export (encoder-<model>.pth), every tensor checked

@@ -1,6 +1,6 @@
 """MMDetection adapter (imported through ``custom_imports`` or ``spark-det train-mmdet``).
 
-Importing it registers the ``SparKConvNeXt`` backbone, nothing else. The weights-only loader for
+Importing it registers the ``SparKConvNeXt`` and ``SparKTimm`` backbones, nothing else. The weights-only loader for
 local checkpoints (resuming mmengine runs on torch >= 2.6 without unpickling arbitrary code;
 mmengine 0.10.7 calls plain torch.load) changes how mmengine loads every local checkpoint of the
 process, so it is opt-in: ``spark-det train-mmdet`` turns it on, and configs run with MMDetection's
@@ -9,5 +9,6 @@ own tools list ``"spark_det.mmdet.weights_only"`` in ``custom_imports`` (the one
 
 from .checkpoint import load_local_checkpoint_weights_only, register_weights_only_loader
 from .convnext import SparKConvNeXt
+from .timm_backbone import SparKTimm
 
-__all__ = ["SparKConvNeXt", "load_local_checkpoint_weights_only", "register_weights_only_loader"]
+__all__ = ["SparKConvNeXt", "SparKTimm", "load_local_checkpoint_weights_only", "register_weights_only_loader"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from frameworks import converted_spark_encoders, require
+from frameworks import TIMM_SHRINK, converted_spark_encoders, pretrained_exports, require
 
 require("detectron2")
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +28,10 @@ SHRINK = [
 
 @pytest.fixture(scope="module")
 def spark_weights(tmp_path_factory):
-    """SparK encoders exported by spark-det and converted by tools/convert_weights.py."""
-    return converted_spark_encoders(tmp_path_factory.mktemp("weights"), "detectron2")
+    """SparK encoders exported by spark-det and converted by tools/convert_weights.py; for the
+    generic timm backbone, exports of 2 pretraining iterations, used as they are."""
+    folder = tmp_path_factory.mktemp("weights")
+    return {**converted_spark_encoders(folder, "detectron2"), **pretrained_exports(folder)}
 
 
 def test_there_are_configs_for_the_paper_recipes():
@@ -43,11 +45,15 @@ def test_there_are_configs_for_the_paper_recipes():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_trains_and_reports_coco_ap(config, tiny_coco, spark_weights, tmp_path):
     shrink_arch = []
+    timm_family = next((family for family in TIMM_SHRINK if family in config.name), None)
     if "convnext" in config.name:  # same config and recipe, smallest ConvNeXt
         arch, shrink_arch = "convnext_atto", ["MODEL.CONVNEXT.NAME", "convnext_atto"]
+    elif timm_family:  # the generic backbone loads the export itself (MODEL.TIMM.WEIGHTS)
+        arch = TIMM_SHRINK[timm_family][0]
+        shrink_arch = ["MODEL.TIMM.NAME", arch, "MODEL.TIMM.WEIGHTS", str(spark_weights[arch])]
     else:
         arch = "resnet18" if "R_18" in config.name else "resnet50"
-    weights = "" if "scratch" in config.name else str(spark_weights[arch])
+    weights = "" if "scratch" in config.name or timm_family else str(spark_weights[arch])
     cmd = [sys.executable, "tools/train_det2.py", "--config-file", str(config),
            "--register-coco", "cfg_train", str(tiny_coco["train_json"]), str(tiny_coco["train_images"]),
            "--register-coco", "cfg_val", str(tiny_coco["val_json"]), str(tiny_coco["val_images"]),

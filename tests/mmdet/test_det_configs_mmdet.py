@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from frameworks import converted_spark_encoders, require
+from frameworks import TIMM_SHRINK, converted_spark_encoders, pretrained_exports, require
 
 require("mmdet")
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +28,10 @@ SHRINK = [
 
 @pytest.fixture(scope="module")
 def spark_weights(tmp_path_factory):
-    """SparK encoders exported by spark-det and converted by tools/convert_weights.py."""
-    return converted_spark_encoders(tmp_path_factory.mktemp("weights"), "mmdet")
+    """SparK encoders exported by spark-det and converted by tools/convert_weights.py; for the
+    generic timm backbone, exports of 2 pretraining iterations, used as they are."""
+    folder = tmp_path_factory.mktemp("weights")
+    return {**converted_spark_encoders(folder, "mmdet"), **pretrained_exports(folder)}
 
 
 def _shrink_schedule(config):
@@ -62,15 +64,24 @@ def _final_metrics(work_dir):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_trains_from_spark_weights_and_reports_coco_ap(config, tiny_coco, spark_weights, tmp_path):
     shrink_arch = []
+    timm_family = next((family for family in TIMM_SHRINK if family in config.name), None)
     if "convnext" in config.name:  # same config and recipe, smallest ConvNeXt; AMP needs CUDA
         arch = "convnext_atto"
         shrink_arch = [f"model.backbone.arch={arch}", "model.neck.in_channels=[40,80,160,320]",
                        "optim_wrapper.type=OptimWrapper"]
+    elif timm_family:
+        arch, channels = TIMM_SHRINK[timm_family]
+        shrink_arch = [f"model.backbone.arch={arch}", f"model.neck.in_channels={channels}".replace(" ", "")]
     else:
         arch = "resnet18" if "r18" in config.name else "resnet50"
     weights = spark_weights[arch]
-    log = _train(config, tiny_coco, tmp_path, options=[f"model.backbone.init_cfg.checkpoint={weights}", *shrink_arch])
-    assert f"Loads checkpoint by _checkpoint_weights_only backend from path: {weights}" in log
+    if timm_family:  # the generic backbone loads the spark-det export itself, every tensor checked
+        log = _train(config, tiny_coco, tmp_path, options=[f"model.backbone.checkpoint={weights}", *shrink_arch])
+        assert f"SparKTimm {arch}: every backbone tensor from {weights}" in log
+    else:
+        log = _train(config, tiny_coco, tmp_path,
+                     options=[f"model.backbone.init_cfg.checkpoint={weights}", *shrink_arch])
+        assert f"Loads checkpoint by _checkpoint_weights_only backend from path: {weights}" in log
     assert "missing keys in source state_dict" not in log and "unexpected key in source state_dict" not in log
     final = _final_metrics(tmp_path)
     for key in ("coco/bbox_mAP", "coco/bbox_mAP_50", "coco/segm_mAP", "coco/segm_mAP_50"):

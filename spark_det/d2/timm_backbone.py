@@ -1,0 +1,62 @@
+"""Any SparK-supported timm CNN as a Detectron2 backbone: ``build_timm_fpn_backbone``.
+
+Registered in Detectron2's BACKBONE_REGISTRY when ``spark_det.d2`` is imported; select with
+``MODEL.BACKBONE.NAME: build_timm_fpn_backbone``, ``MODEL.TIMM.NAME: efficientnet_b3`` and
+``MODEL.TIMM.WEIGHTS: encoder-efficientnet_b3.pth`` (a spark-det encoder export, loaded here with
+every backbone tensor checked; leave ``MODEL.WEIGHTS`` empty, or point it at a whole-detector
+checkpoint to resume, which then overrides these weights as Detectron2 always does).
+"""
+
+from __future__ import annotations
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+from ..errors import ConfigError
+from ..transfer.timm_pyramid import TimmPyramid
+from .convnext import FEATURE_NAMES
+
+
+class TimmBackbone(TimmPyramid, Backbone):
+    """timm ``arch`` returning ``out_features`` among res2..res5 (strides 4..32)."""
+
+    def __init__(self, arch: str, out_features: tuple[str, ...] = FEATURE_NAMES, drop_path_rate: float = 0.0,
+                 weights: str = "") -> None:
+        super().__init__(arch, drop_path_rate=drop_path_rate)
+        unknown = set(out_features) - set(FEATURE_NAMES)
+        if unknown:
+            raise ConfigError(f"MODEL.TIMM.OUT_FEATURES: unknown {sorted(unknown)}; choose from {FEATURE_NAMES}")
+        self._out_features = list(out_features)
+        self._out_feature_channels = dict(zip(FEATURE_NAMES, self.channels))
+        self._out_feature_strides = dict(zip(FEATURE_NAMES, self.strides))
+        self.left_out = self.load_export(weights) if weights else []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = dict(zip(FEATURE_NAMES, self.forward_pyramid(x)))
+        return {name: features[name] for name in self._out_features}
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+                for name in self._out_features}
+
+
+@BACKBONE_REGISTRY.register()
+def build_timm_backbone(cfg, input_shape: ShapeSpec) -> TimmBackbone:
+    if cfg.MODEL.BACKBONE.FREEZE_AT:
+        raise ConfigError("MODEL.BACKBONE.FREEZE_AT must be 0 for the timm backbone (SparK fine-tunes every layer)")
+    t = cfg.MODEL.TIMM
+    return TimmBackbone(t.NAME, tuple(t.OUT_FEATURES), t.DROP_PATH_RATE, t.WEIGHTS)
+
+
+@BACKBONE_REGISTRY.register()
+def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    return FPN(
+        bottom_up=build_timm_backbone(cfg, input_shape),
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
