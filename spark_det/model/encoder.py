@@ -59,9 +59,10 @@ def same_on_common_part(a: torch.Tensor, b: torch.Tensor) -> bool:
         if len(differ) != 1:
             return True
         b = b.narrow(differ[0], 0, a.shape[differ[0]])
-    # float64 probe; 1e-4 leaves room for layers that compute in float32 (FRN, EvoNorm), while a
-    # statistic that counts masked positions is off by a factor of the visible fraction
-    return bool((a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item()))
+    # A float64 probe, but norms that compute in float32 (FRN, EvoNorm) carry rounding noise that
+    # grows to ~1e-4 relative over 50 layers; a statistic that counts masked positions is off by
+    # tens of percent (the probe adds as many masked positions as the image has), so 1e-3 separates them.
+    return bool((a - b).abs().max() <= 1e-3 * max(1.0, a.abs().max().item()))
 
 
 class SparseEncoder(nn.Module):

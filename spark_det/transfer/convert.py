@@ -39,7 +39,9 @@ def _detection_backbone_state(state: dict[str, torch.Tensor], model_name: str, f
         return timm_to_pyramid_keys(state)
     if model_name.startswith("resnet"):
         return resnet_to_detectron2(state) if framework == "detectron2" else dict(state)
-    raise CheckpointError(f"{framework} conversion supports ResNets and ConvNeXts, not {model_name}")
+    raise CheckpointError(f"{framework} conversion is for the framework's ResNet and spark-det's ConvNeXt backbones; "
+                          f"{model_name} needs none: the generic timm backbone loads the spark-det export directly "
+                          "(Detectron2 MODEL.TIMM.WEIGHTS, MMDetection SparKTimm checkpoint=)")
 
 
 def detectron2_checkpoint(state: dict[str, torch.Tensor], model_name: str) -> dict:

@@ -156,16 +156,20 @@ def identify(state: dict[str, torch.Tensor]) -> str:
         if depth is None:
             raise CheckpointError(f"ResNet-like checkpoint with {kind} blocks {blocks} matches no known depth "
                                   "(a truncated or partial state dict?)")
-        return f"resnet{depth}"
+        squeeze = any(".se." in k for k in keys)  # timm's SE-ResNets: layerN.M.se.fc1/fc2
+        return f"{'se' if squeeze else ''}resnet{depth}"
     if "stem.0.weight" in state and any(".blocks." in k for k in keys):
         depths = _count_blocks(keys, r"stages\.(\d)\.blocks\.(\d+)\.conv_dw\.weight")
         size = CONVNEXT_SIZES.get((depths, int(state["stem.0.weight"].shape[0])))
         if size is None:
             raise CheckpointError(f"ConvNeXt-like checkpoint with depths {depths} matches no known size "
                                   "(a truncated or partial state dict?)")
-        return f"convnext_{size}"
+        version = "v2" if any(".grn." in k for k in keys) else ""  # ConvNeXt-V2's GlobalResponseNorm
+        return f"convnext{version}_{size}"
     raise CheckpointError(
-        f"cannot infer the architecture: keys look like neither a ResNet nor a ConvNeXt (first keys: {keys[:5]})"
+        f"cannot infer the architecture: keys look like neither a ResNet nor a ConvNeXt (first keys: {keys[:5]}); "
+        "other timm CNNs need no conversion: the generic timm backbone loads a spark-det export directly "
+        "(Detectron2 MODEL.TIMM.WEIGHTS, MMDetection SparKTimm checkpoint=)"
     )
 
 

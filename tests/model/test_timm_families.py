@@ -24,7 +24,7 @@ from spark_det.sparse.masking import upsample_mask
 pytestmark = pytest.mark.slow
 
 # model -> None (supported) or the layer the refusal must name
-FAMILIES = {
+TESTED = {
     "resnet18": None, "resnet26d": None, "seresnext26d_32x4d": None, "res2net50_14w_8s": None,
     "resnest14d": None, "skresnet18": None, "ecaresnet26t": None, "resnetblur18": None,
     "gcresnext26ts": None, "resnetv2_50d_gn": None, "resnetv2_50d_frn": None, "resnetv2_50d_evos": None,
@@ -85,9 +85,9 @@ def leaks(encoder: SparseEncoder) -> list[str]:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(TESTED))
 def test_a_timm_family_is_sparse_and_leak_free_or_refused_by_layer(name, impl):
-    refusal = FAMILIES[name]
+    refusal = TESTED[name]
     if refusal is not None:
         with pytest.raises(UnsupportedLayerError, match=refusal):
             SparseEncoder(name, impl=impl)
@@ -135,3 +135,14 @@ def test_sparsify_without_a_probe_still_refuses_unknown_layers():
 
     with pytest.raises(UnsupportedLayerError, match="Shift"):
         sparsify(nn.Sequential(nn.Conv2d(3, 3, 1), Shift()), SparseEncoder("resnet18").active)
+
+
+def test_the_readme_table_is_what_the_models_say():
+    from pathlib import Path
+
+    from spark_det.model.families import END, FAMILIES, START, table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert readme.split(START, 1)[1].split(END, 1)[0].strip() == table(), (
+        "README's table is stale: python -m spark_det.model.families --write README.md")
+    assert set(FAMILIES.values()) == set(TESTED), "every family in the table is tested above"

@@ -87,3 +87,34 @@ def test_mmdetections_sparktimm_backbone_loads_the_export(arch, tmp_path):
     _fill(backbone)
     backbone.init_weights()
     _assert_loaded_and_same_features(backbone.model, backbone, encoder, path)
+
+
+@pytest.mark.parametrize("arch", ["convnextv2_atto", "seresnet18", "convnext_atto", "resnet18"])
+def test_convert_identifies_convnext_v2_and_se_resnet_exports(arch):
+    from spark_det.transfer.convert import convert
+
+    name, state, count = convert(SparseEncoder(arch).dense_state_dict(), "timm")
+    assert name == arch and count == len(state)
+
+
+def test_converting_a_model_the_framework_has_no_backbone_for_points_to_the_generic_one():
+    from spark_det.transfer.convert import convert
+
+    with pytest.raises(CheckpointError, match="seresnet18 needs none: the generic timm backbone loads"):
+        convert(SparseEncoder("seresnet18").dense_state_dict(), "detectron2")
+    with pytest.raises(CheckpointError, match="generic timm backbone loads a spark-det export directly"):
+        convert(SparseEncoder("efficientnet_b0").dense_state_dict(), "mmdet")
+
+
+def test_a_convnext_v2_export_converts_into_the_convnext_backbones(tmp_path):
+    from spark_det.transfer.convert import convert
+    from spark_det.transfer.convnext_pyramid import ConvNeXtPyramid
+
+    encoder = perturbed_encoder("convnextv2_atto")
+    name, ckpt, _ = convert(encoder.dense_state_dict(), "mmdet")
+    pyramid = ConvNeXtPyramid(name).eval()
+    pyramid.load_state_dict(ckpt["state_dict"], strict=True)
+    x = torch.randn(1, 3, 64, 96)
+    encoder.eval()
+    with torch.no_grad():
+        assert_same_features(pyramid.forward_pyramid(x), encoder(x))
