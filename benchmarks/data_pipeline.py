@@ -136,17 +136,20 @@ def pretrain_command(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _private_anonymous_kb() -> int:
+    """Private dirty pages of anonymous mappings: what copy-on-write duplicated (file pages excluded)."""
     total, anonymous = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):
-            anonymous = len(fields) < 6 or fields[5].startswith("[")
-        elif fields[0] == "Private_Dirty:" and anonymous:
-            total += int(fields[1])
+    with open("/proc/self/smaps") as smaps:  # line by line: reading it must not grow the heap itself
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                anonymous = len(fields) < 6 or fields[5].startswith("[")
+            elif fields[0] == "Private_Dirty:" and anonymous:
+                total += int(fields[1])
     return total
 
 
 def _read_all(index: Any, queue: Any) -> None:
+    _private_anonymous_kb()  # the first reading's own allocations
     before = _private_anonymous_kb()
     count = sum(1 for i in range(len(index)) if index[i])
     queue.put(((_private_anonymous_kb() - before) / 1024, count))

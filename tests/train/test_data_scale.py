@@ -94,16 +94,18 @@ def _private_anonymous_kb():
     """Private dirty pages of anonymous mappings (heap): what copy-on-write duplicates. File-backed
     mappings are left out, so the mapped index's page-cache pages do not count."""
     total, anonymous = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
-            anonymous = len(fields) < 6 or fields[5].startswith("[")
-        elif fields[0] == "Private_Dirty:" and anonymous:
-            total += int(fields[1])
+    with open("/proc/self/smaps") as smaps:  # line by line: reading it must not grow the heap itself
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping: range perms offset dev inode [path]
+                anonymous = len(fields) < 6 or fields[5].startswith("[")
+            elif fields[0] == "Private_Dirty:" and anonymous:
+                total += int(fields[1])
     return total
 
 
 def _touch_every_entry(entries, queue):
+    _private_anonymous_kb()  # the first reading's own allocations (a process with torch maps thousands of files)
     before = _private_anonymous_kb()
     total = 0
     for i in range(len(entries)):
@@ -131,9 +133,8 @@ def test_forked_workers_read_the_index_without_copying_it(tmp_path):
     # the control the index replaces: a Python list, whose reference counts a worker writes to
     listed_mb, listed_total = _growth_of_a_forked_worker(names)
     assert mapped_total == listed_total == sum(len(n) for n in names)
-    # a few MB at most, whatever the size: pymalloc pools the parent left partly used, not the index
     assert listed_mb > 20, f"the measurement cannot see copy-on-write growth ({listed_mb:.1f} MB)"
-    assert mapped_mb < 6 and listed_mb > 5 * mapped_mb, (
+    assert mapped_mb < 2 and listed_mb > 10 * mapped_mb, (
         f"touching every entry: index +{mapped_mb:.1f} MB, list +{listed_mb:.1f} MB")
 
 
