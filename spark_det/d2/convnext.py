@@ -13,25 +13,20 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
+from ..errors import ConfigError
 from ..transfer.convnext_pyramid import ConvNeXtPyramid
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 
 
-class ConvNeXtBackbone(ConvNeXtPyramid, Backbone):
-    """timm ConvNeXt (any size) returning ``out_features`` among res2..res5 (strides 4..32).
+class PyramidBackbone(Backbone):
+    """A 4-level pyramid (``forward_pyramid``, ``channels``, ``strides``) as a Detectron2 Backbone
+    returning ``out_features`` among res2..res5; shared by the ConvNeXt and the generic timm backbone."""
 
-    ``freeze_at`` is Detectron2's ``MODEL.BACKBONE.FREEZE_AT``: 0 trains everything, 1 freezes the
-    stem, 2 the stem and res2, 3 also res3 (with its downsampling layer), and so on.
-    """
-
-    def __init__(self, arch: str, out_features: tuple[str, ...] = FEATURE_NAMES, drop_path_rate: float = 0.0,
-                 freeze_at: int = 0) -> None:
-        super().__init__(arch, drop_path_rate=drop_path_rate)
-        self.freeze(stem=freeze_at >= 1, stages=max(0, freeze_at - 1))
+    def _select(self, out_features: tuple[str, ...], option: str) -> None:
         unknown = set(out_features) - set(FEATURE_NAMES)
         if unknown:
-            raise ValueError(f"MODEL.CONVNEXT.OUT_FEATURES: unknown {sorted(unknown)}; choose from {FEATURE_NAMES}")
+            raise ConfigError(f"{option}: unknown {sorted(unknown)}; choose from {FEATURE_NAMES}")
         self._out_features = list(out_features)
         self._out_feature_channels = dict(zip(FEATURE_NAMES, self.channels))
         self._out_feature_strides = dict(zip(FEATURE_NAMES, self.strides))
@@ -43,6 +38,20 @@ class ConvNeXtBackbone(ConvNeXtPyramid, Backbone):
     def output_shape(self) -> dict[str, ShapeSpec]:
         return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
                 for name in self._out_features}
+
+
+class ConvNeXtBackbone(ConvNeXtPyramid, PyramidBackbone):
+    """timm ConvNeXt (any size) returning ``out_features`` among res2..res5 (strides 4..32).
+
+    ``freeze_at`` is Detectron2's ``MODEL.BACKBONE.FREEZE_AT``: 0 trains everything, 1 freezes the
+    stem, 2 the stem and res2, 3 also res3 (with its downsampling layer), and so on.
+    """
+
+    def __init__(self, arch: str, out_features: tuple[str, ...] = FEATURE_NAMES, drop_path_rate: float = 0.0,
+                 freeze_at: int = 0) -> None:
+        super().__init__(arch, drop_path_rate=drop_path_rate)
+        self.freeze(stem=freeze_at >= 1, stages=max(0, freeze_at - 1))
+        self._select(out_features, "MODEL.CONVNEXT.OUT_FEATURES")
 
 
 @BACKBONE_REGISTRY.register()

@@ -9,37 +9,24 @@ checkpoint to resume, which then overrides these weights as Detectron2 always do
 
 from __future__ import annotations
 
-import torch
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from ..errors import ConfigError
 from ..transfer.timm_pyramid import TimmPyramid
-from .convnext import FEATURE_NAMES
+from .convnext import FEATURE_NAMES, PyramidBackbone
 
 
-class TimmBackbone(TimmPyramid, Backbone):
-    """timm ``arch`` returning ``out_features`` among res2..res5 (strides 4..32)."""
+class TimmBackbone(TimmPyramid, PyramidBackbone):
+    """timm ``arch`` returning ``out_features`` among res2..res5 (strides 4..32), loaded from the
+    spark-det export ``weights`` if given."""
 
     def __init__(self, arch: str, out_features: tuple[str, ...] = FEATURE_NAMES, drop_path_rate: float = 0.0,
                  weights: str = "") -> None:
         super().__init__(arch, drop_path_rate=drop_path_rate)
-        unknown = set(out_features) - set(FEATURE_NAMES)
-        if unknown:
-            raise ConfigError(f"MODEL.TIMM.OUT_FEATURES: unknown {sorted(unknown)}; choose from {FEATURE_NAMES}")
-        self._out_features = list(out_features)
-        self._out_feature_channels = dict(zip(FEATURE_NAMES, self.channels))
-        self._out_feature_strides = dict(zip(FEATURE_NAMES, self.strides))
+        self._select(out_features, "MODEL.TIMM.OUT_FEATURES")
         self.left_out = self.load_export(weights) if weights else []
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = dict(zip(FEATURE_NAMES, self.forward_pyramid(x)))
-        return {name: features[name] for name in self._out_features}
-
-    def output_shape(self) -> dict[str, ShapeSpec]:
-        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
-                for name in self._out_features}
 
 
 @BACKBONE_REGISTRY.register()
