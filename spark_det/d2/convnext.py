@@ -54,6 +54,12 @@ class ConvNeXtBackbone(ConvNeXtPyramid, PyramidBackbone):
         self._select(out_features, "MODEL.CONVNEXT.OUT_FEATURES")
 
 
+def fpn_on(bottom_up: Backbone, cfg) -> FPN:
+    """Detectron2's FPN (MODEL.FPN.*, max-pooled P6) over a spark-det backbone."""
+    return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+               norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+
+
 @BACKBONE_REGISTRY.register()
 def build_convnext_backbone(cfg, input_shape: ShapeSpec) -> ConvNeXtBackbone:
     c = cfg.MODEL.CONVNEXT
@@ -62,11 +68,4 @@ def build_convnext_backbone(cfg, input_shape: ShapeSpec) -> ConvNeXtBackbone:
 
 @BACKBONE_REGISTRY.register()
 def build_convnext_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    return FPN(
-        bottom_up=build_convnext_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_on(build_convnext_backbone(cfg, input_shape), cfg)

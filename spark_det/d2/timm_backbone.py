@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from ..errors import ConfigError
 from ..transfer.timm_pyramid import TimmPyramid
-from .convnext import FEATURE_NAMES, PyramidBackbone
+from .convnext import FEATURE_NAMES, PyramidBackbone, fpn_on
 
 
 class TimmBackbone(TimmPyramid, PyramidBackbone):
@@ -39,11 +38,4 @@ def build_timm_backbone(cfg, input_shape: ShapeSpec) -> TimmBackbone:
 
 @BACKBONE_REGISTRY.register()
 def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    return FPN(
-        bottom_up=build_timm_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_on(build_timm_backbone(cfg, input_shape), cfg)

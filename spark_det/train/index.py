@@ -205,9 +205,6 @@ class Progress:
             self.last = now
             self.log(f"[data] indexing {self.what}: {count:,} {unit} so far ({now - self.start:.0f} s)")
 
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
 
 def shared_index(cache: IndexCache, is_fresh: Callable[[dict], bool],
                  build: Callable[[], tuple[Sequence[str], Optional[np.ndarray], dict[str, Any]]],

@@ -300,7 +300,6 @@ class ShardSource:
         self.num_workers, self.per_rank_batch = num_workers, per_rank_batch
         self.positions: dict[int, Position] = {}
         self.saved: Optional[tuple[int, int, dict]] = None  # (epoch, first, starts) restored from a checkpoint
-        self.note = ""
 
     def __len__(self) -> int:
         return self.total
