@@ -23,9 +23,15 @@ def test_shrunk_demo_produces_the_table_and_the_plots(tmp_path):
     proc = subprocess.run(
         [sys.executable, "tools/demo.py", "--out", str(out), "--num-unlabeled", "64", "--num-train", "16",
          "--num-val", "8", "--pretrain-epochs", "2", "--finetune-iters", "3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "=== SparK pretraining:" in proc.stdout and "done in" in proc.stdout
+        cwd=ROOT, capture_output=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    stdout = proc.stdout.decode()  # bytes: text mode would turn carriage returns into newlines
+    assert proc.returncode == 0, (stdout + proc.stderr.decode())[-4000:]
+    assert "=== SparK pretraining:" in stdout and "done in" in stdout
+    # readable in a log file: plain lines only, each stage with its wall time and the time left
+    assert "\r" not in stdout
+    ends = [line for line in stdout.splitlines() if line.startswith("=== ") and " s (demo " in line]
+    assert len(ends) == 5 and all(" left)" in line for line in ends), ends  # data, pretrain, convert, 2 pairs
+    assert ends[-1].endswith("about 0:00:00 left)")
     report = json.loads((out / "results.json").read_text())
     combos = {(r["framework"], r["init"]) for r in report["results"]}
     assert combos == {(fw, init) for fw in ("detectron2", "mmdet") for init in ("spark", "scratch")}
@@ -76,3 +82,108 @@ def _markdown_tables(text: str) -> list[list[list[str]]]:
             tables.append(rows)
             rows = None
     return tables
+
+
+@pytest.fixture(scope="module")
+def demo_pairs(tmp_path_factory):
+    """The demo's SparK and scratch fine-tune commands for each framework, on a tiny data set."""
+    from spark_det.demo.pipeline import DemoSettings, _pair_jobs, repo_root
+    from spark_det.demo.synthetic import make_dataset
+
+    folder = tmp_path_factory.mktemp("pairs")
+    data = make_dataset(folder / "data", num_train=12, num_val=2, image_size=(64, 64), seed=0)
+    settings = DemoSettings(finetune_iters=30, finetune_batch=4)
+    weights = {"detectron2": folder / "r18_spark.pkl", "mmdet": folder / "r18_spark_mmdet.pth"}
+    return {fw: [job.cmd[4:] for job in _pair_jobs(fw, 3, settings, data, weights[fw], folder, repo_root())]
+            for fw in ("detectron2", "mmdet")}
+
+
+def _detectron2_batches(cfg, batches=3):
+    from itertools import islice
+
+    from detectron2.data import build_detection_train_loader
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(cfg.SEED)  # what default_setup does before the trainer builds its loader
+    loader = build_detection_train_loader(cfg)
+    return [[(d["image_id"], d["image"]) for d in batch] for batch in islice(loader, batches)]
+
+
+def _same_batches(a, b) -> bool:
+    return all(len(x) == len(y) and all(i == j and torch_equal(u, v) for (i, u), (j, v) in zip(x, y))
+               for x, y in zip(a, b))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_detectron2_spark_and_scratch_get_the_same_budget_and_the_same_images_in_the_same_order(demo_pairs):
+    require("detectron2")
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from spark_det.d2.train_net import build_config, build_parser
+
+    args = [build_parser().parse_args(list(map(str, argv))) for argv in demo_pairs["detectron2"]]
+    for name, json_file, image_root in args[0].register_coco:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        register_coco_instances(name, {}, json_file, image_root)
+    spark, scratch = (build_config(a) for a in args)
+    assert spark.MODEL.WEIGHTS.endswith("r18_spark.pkl") and scratch.MODEL.WEIGHTS == ""
+    differ = {k for k in _flat(spark) if _flat(spark)[k] != _flat(scratch)[k]}
+    assert differ == {"MODEL.WEIGHTS"}, differ  # iterations, batch, lr schedule, seed, augmentation: all equal
+    assert spark.SOLVER.MAX_ITER == 30 and spark.SEED == 3
+    first = _detectron2_batches(spark)
+    assert _same_batches(first, _detectron2_batches(scratch))
+    assert not _same_batches(first, _detectron2_batches(_reseeded(scratch, 4)))  # the comparison can fail
+
+
+def _reseeded(cfg, seed):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SEED = seed
+    return cfg
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_mmdet_spark_and_scratch_get_the_same_budget_and_the_same_images_in_the_same_order(demo_pairs):
+    require("mmdet")
+    from mmdet.utils import register_all_modules
+    from mmengine.runner import Runner, set_random_seed
+
+    from spark_det.mmdet.train import build_config, build_parser
+
+    register_all_modules()
+    spark, scratch = (build_config(build_parser().parse_args(list(map(str, argv)))) for argv in demo_pairs["mmdet"])
+    assert spark.model.backbone.init_cfg.checkpoint.endswith("r18_spark_mmdet.pth")
+    assert scratch.model.backbone.init_cfg is None
+    a, b = _flat(spark.to_dict()), _flat(scratch.to_dict())
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert differ <= {"work_dir", "model.backbone.init_cfg", "model.backbone.init_cfg.type",
+                      "model.backbone.init_cfg.checkpoint"}, differ
+    assert spark.train_cfg.max_iters == 30 and spark.randomness.seed == 3
+
+    def batches(cfg, seed, n=3):
+        set_random_seed(seed)  # what the Runner does with cfg.randomness.seed before building its loaders
+        loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)
+        out = []
+        for batch, _ in zip(loader, range(n)):
+            out.append([(s.img_id, x) for s, x in zip(batch["data_samples"], batch["inputs"])])
+        return out
+
+    first = batches(spark, spark.randomness.seed)
+    assert _same_batches(first, batches(scratch, scratch.randomness.seed))
+    assert not _same_batches(first, batches(scratch, 4))  # the comparison can fail

@@ -19,7 +19,7 @@ from .common import add_output, make_parser, parse_with_output, run_tool
 
 
 def build_parser():
-    from ..demo.pipeline import FRAMEWORKS, DemoSettings
+    from ..demo.pipeline import FRAMEWORKS, PROTOCOLS, DemoSettings
 
     d = DemoSettings()
     p = make_parser("spark-det demo", __doc__)
@@ -29,11 +29,16 @@ def build_parser():
     p.add_argument("--num-unlabeled", type=int, default=d.num_unlabeled, help="unlabeled images for pretraining")
     p.add_argument("--num-train", type=int, default=d.num_train, help="labeled images for fine-tuning")
     p.add_argument("--num-val", type=int, default=d.num_val, help="labeled images for COCO evaluation")
+    p.add_argument("--pretrain-size", type=int, default=d.pretrain_size, help="SparK pretraining input size")
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs, help="SparK pretraining epochs")
     p.add_argument("--pretrain-batch", type=int, default=d.pretrain_batch, help="SparK pretraining batch size")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
+                   help="frozen: train FPN and heads on the frozen backbone; full: fine-tune every layer")
     p.add_argument("--finetune-iters", type=int, default=d.finetune_iters, help="Mask R-CNN iterations per run")
     p.add_argument("--finetune-batch", type=int, default=d.finetune_batch, help="Mask R-CNN batch size")
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="one SparK and one scratch run per seed")
+    p.add_argument("--pretrain-seed", type=int, default=d.pretrain_seed,
+                   help="seed of the SparK pretraining (its masks, crops and initialisation)")
     p.add_argument("--frameworks", nargs="+", default=d.frameworks, choices=FRAMEWORKS,
                    help="detection frameworks to fine-tune in")
     return p

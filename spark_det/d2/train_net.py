@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
@@ -54,12 +54,18 @@ class Trainer(DefaultTrainer):
         return build_layer_decay_optimizer(cfg, model)
 
 
-def setup(args):
+def build_config(args) -> CfgNode:
+    """The frozen config of a run: the file, then the command line's overrides."""
     cfg = get_cfg()
     add_spark_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    cfg = build_config(args)
     default_setup(cfg, args)
     return cfg
 

@@ -32,6 +32,7 @@ class SceneConfig:
     max_scale: float = 0.45
     min_visible_fraction: float = 0.35  # objects hidden more than this by others are dropped
     min_area: int = 24  # pixels
+    disc_clutter: bool = True  # soft discs in the background clutter (they look like the "circle" class)
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, size: float,
@@ -86,7 +87,8 @@ def _texture(h: int, w: int, rng: np.random.Generator, yy: np.ndarray, xx: np.nd
     return base[None, None] * (1 - weight[..., None]) + other[None, None] * weight[..., None]
 
 
-def _background(h: int, w: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def _background(h: int, w: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
+                discs: bool = True) -> np.ndarray:
     a, b = rng.uniform(0, 255, size=3), rng.uniform(0, 255, size=3)
     angle = rng.uniform(0, 2 * np.pi)
     t = ((xx * np.cos(angle) + yy * np.sin(angle)) / max(h, w) + 1) / 2
@@ -94,7 +96,7 @@ def _background(h: int, w: int, rng: np.random.Generator, yy: np.ndarray, xx: np
     # clutter: a few thin lines and soft blobs that are not objects
     for _ in range(rng.integers(2, 6)):
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or not discs:
             th = rng.uniform(0, np.pi)
             dist = np.abs((xx - cx) * np.sin(th) - (yy - cy) * np.cos(th))
             sel = dist < rng.uniform(0.5, 1.5)
@@ -109,7 +111,7 @@ def render_scene(rng: np.random.Generator, cfg: SceneConfig) -> tuple[np.ndarray
     """One RGB uint8 image and its objects: dicts with 'category' (index) and 'mask' (bool)."""
     h, w = cfg.image_size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    img = _background(h, w, rng, yy, xx)
+    img = _background(h, w, rng, yy, xx, cfg.disc_clutter)
     objects = []
     for _ in range(rng.integers(cfg.min_objects, cfg.max_objects + 1)):
         cls = int(rng.integers(len(CLASSES)))

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -67,18 +68,24 @@ def build_parser():
     return p
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    if not Path(args.config).is_file():
-        raise ConfigError(f"config {args.config} does not exist (see det_configs/mmdet/)")
-    register_weights_only_loader()
+def build_config(args: argparse.Namespace) -> Config:
+    """The config of a run: the file, the COCO data from the command line, then its overrides."""
     cfg = Config.fromfile(args.config)
     if args.coco_train or args.coco_val:
         use_coco(cfg, args.coco_train, args.coco_val)
     cfg.merge_from_dict(args.cfg_options)
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or os.path.join("work_dirs", Path(args.config).stem)
+    return cfg
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not Path(args.config).is_file():
+        raise ConfigError(f"config {args.config} does not exist (see det_configs/mmdet/)")
+    register_weights_only_loader()
+    cfg = build_config(args)
     if args.resume == "auto":
         cfg.resume, cfg.load_from = True, None
     elif args.resume:
