@@ -2,6 +2,11 @@
 
     python benchmarks/pretrain_step.py                                   # CPU defaults below
     python benchmarks/pretrain_step.py --device cuda --batch-size 64 --iters 20
+    python benchmarks/pretrain_step.py --peer mmpretrain --models resnet50 convnext_small --parts step
+
+With ``--peer mmpretrain`` (needs ``pip install -e .[bench]``), MMPretrain's SparK, built from its
+own configs, is timed in the same round robin for the ``step`` part, and spark-det's models get its
+decoder width (512) unless ``--decoder-width`` says otherwise (see benchmarks/mmpretrain_peer.py).
 
 For each model and precision both implementations get the same weights, images and mask, and
 are timed alternately (so drifting clocks or thermal state hit both alike):
@@ -25,12 +30,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
+from timm.optim import Lamb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spark_det.model.registry import SUPPORTED_MODELS, create_spark  # noqa: E402
 from spark_det.train.optim import build_optimizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mmpretrain_peer  # noqa: E402
 
 IMPLS = ("reference", "fast")
 
@@ -46,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--decoder-width", type=int, default=0,
+                   help="spark-det's decoder width (0: the peer's with --peer, else the paper's 768)")
+    p.add_argument("--peer", choices=["none", "mmpretrain"], default="none",
+                   help="also time MMPretrain's SparK for the step part (skipped with a message if absent)")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -87,10 +101,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_pair(name: str, device: torch.device) -> dict[str, torch.nn.Module]:
+def build_pair(name: str, device: torch.device, decoder_width: int = 768) -> dict[str, torch.nn.Module]:
     """Reference and fast SparK models with identical weights."""
     dp = SUPPORTED_MODELS.get(name, {}).get("drop_path_rate", 0.0)
-    models = {impl: create_spark(name, sparse_impl=impl, drop_path_rate=dp).to(device) for impl in IMPLS}
+    models = {impl: create_spark(name, sparse_impl=impl, drop_path_rate=dp, decoder_width=decoder_width).to(device)
+              for impl in IMPLS}
     models["fast"].load_state_dict(models["reference"].state_dict())
     return models
 
@@ -142,7 +157,16 @@ def autocast(device: torch.device, precision: str):
 
 def run_model(name: str, args, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
-    models = build_pair(name, device)
+    peer, width = None, args.decoder_width or 768
+    if args.peer == "mmpretrain":
+        reason = mmpretrain_peer.unavailable_reason(name)
+        if reason:
+            print(f"# peer skipped for {name}: {reason}", flush=True)
+        else:
+            peer, peer_width = mmpretrain_peer.build_peer(name, device, args.input_size)
+            width = args.decoder_width or peer_width
+            peer_optimizer = Lamb(peer.parameters(), lr=1e-4, weight_decay=0.04, betas=(0.9, 0.95))
+    models = build_pair(name, device, width)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g).to(device)
     visible = models["reference"].random_mask(images, g).to(device)
@@ -160,13 +184,18 @@ def run_model(name: str, args, device: torch.device) -> list[dict]:
             else:
                 fns = {impl: functools.partial(train_step, m, optimizers[impl], images, visible, precision)
                        for impl, m in models.items()}
+                if peer is not None:
+                    fns["mmpretrain"] = functools.partial(mmpretrain_peer.peer_step, peer, peer_optimizer, images,
+                                                          functools.partial(autocast, device, precision))
             # Same weights at this point: the timed steps below update both models alike.
             with torch.no_grad(), autocast(device, precision):
                 losses = {impl: m(images, visible).item() for impl, m in models.items()}
             res = measure(fns, args, device)
-            row = {"model": name, "dtype": precision, "part": part,
-                   **{f"{impl}_{k}": v for impl in IMPLS for k, v in res[impl].items()}}
+            row = {"model": name, "dtype": precision, "part": part, "decoder_width": width,
+                   **{f"{impl}_{k}": v for impl in res for k, v in res[impl].items()}}
             row["speedup"] = res["fast"]["images_per_s"] / res["reference"]["images_per_s"]
+            if "mmpretrain" in res:
+                row["fast_over_mmpretrain"] = res["fast"]["images_per_s"] / res["mmpretrain"]["images_per_s"]
             row["loss_rel_diff"] = abs(losses["fast"] - losses["reference"]) / abs(losses["reference"])
             rows.append(row)
             print(_format_row(row), flush=True)
@@ -175,6 +204,9 @@ def run_model(name: str, args, device: torch.device) -> list[dict]:
 
 def _format_row(r: dict) -> str:
     extra = f"  loss rel diff {r['loss_rel_diff']:.1e}"
+    if "fast_over_mmpretrain" in r:
+        extra += (f"  mmpretrain {r['mmpretrain_images_per_s']:.2f} img/s, {r['mmpretrain_peak_mib']:.0f} MiB: "
+                  f"fast/mmpretrain **{r['fast_over_mmpretrain']:.2f}x** (decoder width {r['decoder_width']})")
     return (f"| {r['model']} | {r['dtype']} | {r['part']} | {r['reference_images_per_s']:.2f} | "
             f"{r['fast_images_per_s']:.2f} | **{r['speedup']:.2f}x** | {r['reference_peak_mib']:.0f} | "
             f"{r['fast_peak_mib']:.0f} |{extra}")
@@ -189,9 +221,11 @@ def main(argv=None) -> None:
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
            "batch_size": args.batch_size, "input_size": args.input_size, "iters": args.iters}
-    import timm
-
     env["timm"] = timm.__version__
+    if args.peer == "mmpretrain" and mmpretrain_peer.unavailable_reason(args.models[0]) is None:
+        import mmpretrain
+
+        env["mmpretrain"] = mmpretrain.__version__
     print("# " + json.dumps(env))
     print("| model | dtype | measured | reference img/s | fast img/s | speedup | reference peak MiB | fast peak MiB |")
     print("|---|---|---|---|---|---|---|---|")

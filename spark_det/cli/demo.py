@@ -1,8 +1,9 @@
 """The whole idea on one CPU: SparK pretraining -> weight conversion -> Mask R-CNN transfer.
 
-    spark-det demo --output outputs/demo          # what `make demo` runs (~15 min on 2 cores)
-    spark-det demo --output outputs/long --num-unlabeled 4000 --pretrain-epochs 2 \\
-        --finetune-iters 200 --seeds 0 1 2         # the longer benchmark in the README (~90 min)
+    spark-det demo --output outputs/demo          # what `make demo` runs (~10 min on 2 idle cores)
+    spark-det demo --seeds 1 --pretrain-seed 1 --output outputs/demo_seed1   # the same demo, another seed
+    spark-det demo --output outputs/long --protocol full --num-unlabeled 4000 --pretrain-epochs 3 \\
+        --finetune-iters 500 --seeds 0 1 2         # the longer benchmark in the README (~40 min)
 
 Writes results.md / results.json (box AP, mask AP, AP50 per framework and initialisation),
 ap.png, pretrain_loss.png and reconstruction.png to --output. Needs Detectron2 and MMDetection.

@@ -4,8 +4,9 @@ Stages (each runs the project's own command, ``python -m spark_det <command>``, 
 1. generate the synthetic COCO-format data set and a pool of unlabeled images;
 2. pretrain ResNet-18 with SparK on the unlabeled pool (``pretrain``);
 3. convert the encoder for Detectron2 and MMDetection (``convert``);
-4. fine-tune Mask R-CNN R18-FPN from SparK weights and from random initialisation with the same
-   budget in Detectron2 (``train-det2``) and MMDetection (``train-mmdet``);
+4. train Mask R-CNN R18-FPN from SparK weights and from random initialisation with the same
+   config, budget and data order in Detectron2 (``train-det2``) and MMDetection (``train-mmdet``),
+   the two runs of a pair side by side; the backbone frozen (default) or fine-tuned (``protocol``);
 5. write results.md / results.json (box AP, mask AP, AP50), ap.png, pretrain_loss.png and
    reconstruction.png to the output folder.
 
