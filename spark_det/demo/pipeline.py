@@ -183,10 +183,10 @@ def run_demo(s: DemoSettings) -> Path:
     results = []
     for seed in s.seeds:
         for fw in s.frameworks:
-            stages.run(finetune_stage(fw, seed), _pair_jobs(fw, seed, s, data, weights[fw], out, root),
-                       threads_per_job=threads)
-            for init in INITS:
-                run_dir = out / "finetune" / f"{fw}_{init}_seed{seed}"
+            jobs = _pair_jobs(fw, seed, s, data, weights[fw], out, root)
+            stages.run(finetune_stage(fw, seed), jobs, threads_per_job=threads)
+            for init, job in zip(INITS, jobs):
+                run_dir = job.log.parent
                 metrics = detectron2_results(run_dir) if fw == "detectron2" else mmdet_results(run_dir)
                 results.append({"framework": fw, "init": init, "seed": seed, **metrics})
                 print(f"    {init}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
