@@ -110,11 +110,11 @@ def _detectron2_batches(cfg, batches=3):
 
 
 def _same_batches(a, b) -> bool:
-    return all(len(x) == len(y) and all(i == j and torch_equal(u, v) for (i, u), (j, v) in zip(x, y))
+    return all(len(x) == len(y) and all(i == j and _torch_equal(u, v) for (i, u), (j, v) in zip(x, y))
                for x, y in zip(a, b))
 
 
-def torch_equal(a, b) -> bool:
+def _torch_equal(a, b) -> bool:
     import torch
 
     return a.shape == b.shape and bool(torch.equal(a, b))
@@ -134,7 +134,8 @@ def test_detectron2_spark_and_scratch_get_the_same_budget_and_the_same_images_in
         register_coco_instances(name, {}, json_file, image_root)
     spark, scratch = (build_config(a) for a in args)
     assert spark.MODEL.WEIGHTS.endswith("r18_spark.pkl") and scratch.MODEL.WEIGHTS == ""
-    differ = {k for k in _flat(spark) if _flat(spark)[k] != _flat(scratch)[k]}
+    a, b = _flat(spark), _flat(scratch)
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     assert differ == {"MODEL.WEIGHTS"}, differ  # iterations, batch, lr schedule, seed, augmentation: all equal
     assert spark.SOLVER.MAX_ITER == 30 and spark.SEED == 3
     first = _detectron2_batches(spark)
