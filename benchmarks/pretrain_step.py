@@ -13,8 +13,9 @@ are timed alternately (so drifting clocks or thermal state hit both alike):
 * ``encoder``: the sparse encoder's forward + backward (a fixed random gradient on its 4 outputs);
 * ``step``: a whole pretraining step, forward, backward and the LAMB optimizer step.
 It prints images/s, the fast/reference ratio, peak memory (CUDA: max allocated; CPU: peak resident
-set growth after malloc_trim, reset through /proc/self/clear_refs) and the relative loss
-difference of the first step, and can write everything as JSON.
+set growth after malloc_trim, reset through /proc/self/clear_refs), the activations autograd saves
+for backward (exact, device-independent) and the relative loss difference of the first step, and
+can write everything as JSON.
 """
 
 from __future__ import annotations
@@ -89,6 +90,33 @@ class PeakMemory:
         return (_status_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
+class SavedActivations:
+    """Bytes of the distinct tensors autograd saves for backward, parameters aside: the activation
+    memory of a step, exact and the same on every device (what the allocator then adds is not)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.parameters:
+            self.storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self) -> "SavedActivations":
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+
+    @property
+    def mib(self) -> float:
+        return sum(self.storages.values()) / 2**20
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -110,8 +138,9 @@ def build_pair(name: str, device: torch.device, decoder_width: int = 768) -> dic
     return models
 
 
-def measure(fns: dict[str, Callable[[], object]], args, device) -> dict[str, dict[str, float]]:
-    """Time each function alternately; peak memory from a separate call of each."""
+def measure(fns: dict[str, Callable[[], object]], args, device,
+            modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, float]]:
+    """Time each function alternately; peak memory and saved activations from a separate call of each."""
     for _ in range(args.warmup):
         for fn in fns.values():
             fn()
@@ -127,8 +156,10 @@ def measure(fns: dict[str, Callable[[], object]], args, device) -> dict[str, dic
     mem = PeakMemory(device)
     for impl, fn in fns.items():
         mem.start()
-        fn()
-        results[impl] = {"images_per_s": args.iters * args.batch_size / times[impl], "peak_mib": mem.peak_mib()}
+        with SavedActivations(modules[impl]) as saved:
+            fn()
+        results[impl] = {"images_per_s": args.iters * args.batch_size / times[impl], "peak_mib": mem.peak_mib(),
+                         "saved_activations_mib": saved.mib}
     return results
 
 
@@ -190,7 +221,7 @@ def run_model(name: str, args, device: torch.device) -> list[dict]:
             # Same weights at this point: the timed steps below update both models alike.
             with torch.no_grad(), autocast(device, precision):
                 losses = {impl: m(images, visible).item() for impl, m in models.items()}
-            res = measure(fns, args, device)
+            res = measure(fns, args, device, {**models, "mmpretrain": peer})
             row = {"model": name, "dtype": precision, "part": part, "decoder_width": width,
                    **{f"{impl}_{k}": v for impl in res for k, v in res[impl].items()}}
             row["speedup"] = res["fast"]["images_per_s"] / res["reference"]["images_per_s"]
@@ -203,9 +234,11 @@ def run_model(name: str, args, device: torch.device) -> list[dict]:
 
 
 def _format_row(r: dict) -> str:
-    extra = f"  loss rel diff {r['loss_rel_diff']:.1e}"
+    extra = (f"  saved activations reference {r['reference_saved_activations_mib']:.0f} MiB, "
+             f"fast {r['fast_saved_activations_mib']:.0f} MiB; loss rel diff {r['loss_rel_diff']:.1e}")
     if "fast_over_mmpretrain" in r:
-        extra += (f"  mmpretrain {r['mmpretrain_images_per_s']:.2f} img/s, {r['mmpretrain_peak_mib']:.0f} MiB: "
+        extra += (f"  mmpretrain {r['mmpretrain_images_per_s']:.2f} img/s, {r['mmpretrain_peak_mib']:.0f} MiB, "
+                  f"saved activations {r['mmpretrain_saved_activations_mib']:.0f} MiB: "
                   f"fast/mmpretrain **{r['fast_over_mmpretrain']:.2f}x** (decoder width {r['decoder_width']})")
     return (f"| {r['model']} | {r['dtype']} | {r['part']} | {r['reference_images_per_s']:.2f} | "
             f"{r['fast_images_per_s']:.2f} | **{r['speedup']:.2f}x** | {r['reference_peak_mib']:.0f} | "

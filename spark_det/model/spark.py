@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from ..sparse.blocks import densify_rows
 from ..sparse.convert import sparsify
 from ..sparse.masking import masked_fill_pixels, random_visible_mask, upsample_mask
 from .decoder import LightDecoder
@@ -94,11 +95,15 @@ class SparK(nn.Module):
     def densify(self, features: list[torch.Tensor], visible: torch.Tensor) -> list[torch.Tensor]:
         """Coarse -> fine dense decoder inputs: sparse norm, mask token at masked positions, projection."""
         dense = []
-        with self.encoder.active.use(visible):
+        active = self.encoder.active
+        with active.use(visible):
             for i, feat in enumerate(reversed(features)):
-                feat = self.densify_norms[i](feat)
-                keep = upsample_mask(visible, feat.shape[-2:])
-                feat = torch.where(keep, feat, self.mask_tokens[i].to(feat.dtype))
+                if self.encoder.impl == "fast":  # the same values, without the norm keeping the whole map
+                    feat = densify_rows(feat, self.densify_norms[i], self.mask_tokens[i], active.rows(feat.shape[-2:]))
+                else:
+                    feat = self.densify_norms[i](feat)
+                    keep = upsample_mask(visible, feat.shape[-2:])
+                    feat = torch.where(keep, feat, self.mask_tokens[i].to(feat.dtype))
                 dense.append(self.densify_projs[i](feat))
         return dense
 

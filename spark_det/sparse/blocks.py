@@ -39,7 +39,8 @@ def to_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def from_rows(rows: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
     """Rows written into zeros: [B, C, H, W] in channels_last memory format, 0 at masked positions."""
     b, c, h, w = shape
-    dense = rows.new_zeros(b * h * w, c).index_copy(0, index, rows)
+    dense = rows.new_zeros(b * h * w, c)
+    dense.index_put_((index,), rows)  # index_copy would keep ``rows`` alive for its backward; this only the index
     return dense.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -218,6 +219,22 @@ class RowConvNeXtBlock(RowBlock, ConvNeXtBlock):
             rows = rows * self.gamma
         out = from_rows(rows, index, (b, rows.shape[1], h, w))
         return self.drop_path(out) + x
+
+
+def densify_rows(feat: torch.Tensor, norm: nn.Module, fill: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """SparK's densify before the decoder, on rows: ``norm`` (a BatchNorm with visible statistics,
+    or a LayerNorm over channels) on the visible rows at ``index``, the vector ``fill`` (the mask
+    token, [1, C, 1, 1]) everywhere else. The norm keeps only rows for backward, not the whole map."""
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        rows = batch_norm_rows(to_rows(feat, index), norm, getattr(norm, "sparse_sync", None))
+    elif isinstance(norm, nn.LayerNorm):
+        rows = F.layer_norm(to_rows(feat, index), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    else:
+        raise TypeError(f"densify on rows needs a BatchNorm or a LayerNorm, got {type(norm).__name__}")
+    b, c, h, w = feat.shape
+    dense = fill.to(rows.dtype).view(1, c).expand(b * h * w, c).clone()
+    dense.index_put_((index,), rows)
+    return dense.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 ROW_BLOCKS: tuple[type[RowBlock], ...] = (RowBottleneck, RowBasicBlock, RowConvNeXtBlock)

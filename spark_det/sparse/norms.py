@@ -7,8 +7,8 @@ from :func:`visible_moments`:
 * sums are accumulated in at least float32 whatever the input dtype, and counts are exact
   integers (float64): under fp16 autocast a count above 65504 would otherwise become inf, bf16
   counts are inexact above 256 and float32 ones above 2**24 (a ResNet stem over 32 GPUs);
-* with a process group the sums are all-reduced (``torch.distributed.nn`` carries gradients
-  back to every rank), which is a sparse SyncBatchNorm that works with NCCL and gloo alike;
+* with a process group the sums are all-reduced, and BatchNorm's backward all-reduces its own two
+  sums (:class:`_TrainBatchNorm`), which is a sparse SyncBatchNorm that works with NCCL and gloo alike;
 * running statistics are updated as ``nn.BatchNorm`` does (momentum, unbiased variance).
 
 Every path uses it: per-layer sparse norms (:mod:`.layers`), the fast path's row blocks
@@ -34,10 +34,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _all_reduce_sum(t: torch.Tensor, process_group: ProcessGroup) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce
-
-    group = dist.group.WORLD if process_group is True else process_group
-    return all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    """The sum over ranks of ``t`` (a new tensor; not differentiable: BatchNorm's backward is explicit)."""
+    total = t.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=dist.group.WORLD if process_group is True else process_group)
+    return total
 
 
 def _visible_sum_and_count(x: torch.Tensor, mask: Optional[torch.Tensor], dims: tuple[int, ...],
@@ -74,7 +74,8 @@ def visible_moments(x: torch.Tensor, mask: Optional[torch.Tensor], dims: tuple[i
                     process_group: Optional[ProcessGroup] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, biased variance) over the visible positions in the accumulation dtype, and the exact
-    count (float64); all keepdim. ``mask=None``: every position is visible."""
+    count (float64); all keepdim. ``mask=None``: every position is visible. Differentiable only
+    without a process group (BatchNorm, the one synchronised user, needs no gradient through it)."""
     total, count = _visible_sum_and_count(x, mask, dims, process_group)
     divisor = count.clamp_min(1).to(total.dtype)
     mean = total / divisor
@@ -99,9 +100,62 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor
 
 
 def _state_dtype(norm: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype a dense norm's output would have: the input's, promoted with its parameters'."""
+    """The dtype a dense norm's output would have: a half-precision input's own (torch's BatchNorm
+    and GroupNorm keep bf16/fp16 under autocast, which halves what the next layers save), else the
+    input's promoted with the parameters'."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.dtype
     state = next((t for t in (getattr(norm, "weight", None), getattr(norm, "running_var", None)) if t is not None), x)
     return torch.promote_types(x.dtype, state.dtype)
+
+
+def _normalise(x: torch.Tensor, mask: Optional[torch.Tensor], mean: torch.Tensor, inv_std: torch.Tensor,
+               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """(x - mean) * inv_std * weight + bias per channel of [B, C, H, W], zero where ``mask`` is 0."""
+    scale = inv_std if weight is None else weight * inv_std
+    shift = -mean * scale if bias is None else bias - mean * scale
+    out = x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    return out if mask is None else out * mask.to(out.dtype)
+
+
+class _TrainBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm given its batch statistics, saving only its input for backward.
+
+    Autograd through the statistics core would keep two float32 copies of every input (the cast
+    and the centred values) for backward, over half of a ResNet encoder's activation memory under
+    bf16; torch's own batch_norm cannot take our statistics (visible counts, all-reduced sums), so
+    the standard BatchNorm backward is written here, once:
+    dx = m * w / std * (g - sum(g) / N - xhat * sum(g * xhat) / N), with g = dy * m, sums over the
+    visible positions of every rank (all-reduced like the forward's), dw = sum(g * xhat) and
+    db = sum(g) over this rank's positions (DDP reduces parameter gradients itself).
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, mean, inv_std, count, weight, bias, out_dtype, process_group):
+        ctx.save_for_backward(x, mask, mean, inv_std, count, weight)
+        ctx.bias_dtype, ctx.process_group = None if bias is None else bias.dtype, process_group
+        return _normalise(x, mask, mean, inv_std, weight, bias).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, mean, inv_std, count, weight = ctx.saved_tensors
+        shape, dims = (1, -1, 1, 1), (0, 2, 3)
+        acc = mean.dtype
+        xhat = (x.to(acc) - mean.view(shape)) * inv_std.view(shape)
+        g = grad_out.to(acc)
+        if mask is not None:
+            g = g * mask.to(acc)
+        local = torch.stack([g.sum(dims), (g * xhat).sum(dims)])  # [2, C]: sum(g), sum(g * xhat)
+        total = local if ctx.process_group is None else _all_reduce_sum(local, ctx.process_group)
+        total = total / count.clamp_min(1).to(acc).view(1, 1)
+        scale = inv_std if weight is None else weight.to(acc) * inv_std
+        grad_x = (g - total[0].view(shape) - xhat * total[1].view(shape)) * scale.view(shape)
+        if mask is not None:
+            grad_x = grad_x * mask.to(acc)
+        grad_weight = local[1].to(weight.dtype) if ctx.needs_input_grad[5] else None
+        grad_bias = local[0].to(ctx.bias_dtype) if ctx.needs_input_grad[6] else None
+        return grad_x.to(x.dtype), None, None, None, None, grad_weight, grad_bias, None, None
 
 
 def sparse_batch_norm(
@@ -116,20 +170,17 @@ def sparse_batch_norm(
     back (the definition the tests check), without the gather/scatter. ``mask=None``: every
     position of ``x`` is visible (already gathered vectors, as [N, C, 1, 1]).
     """
+    out_dtype = _state_dtype(bn, x)
     if bn.training or not bn.track_running_stats:
-        mean, var, count = visible_moments(x, mask, (0, 2, 3), process_group)
-        mean, var = mean.view(-1), var.view(-1)
-        if bn.training and bn.track_running_stats:
-            update_running_stats(bn, mean.detach(), var.detach(), count.detach().view(1))
-    else:
-        mean, var = bn.running_mean, bn.running_var
-    inv_std = torch.rsqrt(var + bn.eps)
-    scale = inv_std if bn.weight is None else bn.weight * inv_std
-    shift = -mean * scale if bn.bias is None else bn.bias - mean * scale
-    out = x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    if mask is not None:
-        out = out * mask.to(out.dtype)
-    return out.to(_state_dtype(bn, x))
+        with torch.no_grad():
+            mean, var, count = visible_moments(x, mask, (0, 2, 3), process_group)
+            mean, var = mean.view(-1), var.view(-1)
+            if bn.training and bn.track_running_stats:
+                update_running_stats(bn, mean, var, count.view(1))
+            inv_std = torch.rsqrt(var + bn.eps)
+        return _TrainBatchNorm.apply(x, mask, mean, inv_std, count.view(1), bn.weight, bn.bias, out_dtype,
+                                     process_group)
+    return _normalise(x, mask, bn.running_mean, torch.rsqrt(bn.running_var + bn.eps), bn.weight, bn.bias).to(out_dtype)
 
 
 def batch_norm_rows(rows: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
