@@ -17,7 +17,9 @@ What it measures:
 * the index's memory: its file sizes, and the private memory a forked worker gains by reading
   every entry (heap pages copied on write; the mapped file pages are shared);
 * images/s of one worker (one process, CPU time) for decode + RandomResizedCrop(224) + flip +
-  normalise, folder vs WebDataset shards of the same JPEGs.
+  normalise, folder vs WebDataset shards of the same JPEGs; alone with ``--only-throughput``,
+  on photograph-sized files with ``--grain 26``, and with ``--gpu-images-per-s`` the workers one
+  GPU needs at those step rates.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_FOLDER = 1000
 
 
-def make_jpegs(folder: Path, count: int) -> list[Path]:
+def make_jpegs(folder: Path, count: int, grain: float = 0.0) -> list[Path]:
+    """The demo's scenes as JPEGs; ``grain`` (a pixel std) adds sensor-like noise, which makes the
+    files as large as photographs (ImageNet's average ~110 KB) and as costly to decode."""
+    import numpy as np
     from PIL import Image
 
     from spark_det.demo.synthetic import SceneConfig, _image_rng, render_scene
@@ -52,7 +57,10 @@ def make_jpegs(folder: Path, count: int) -> list[Path]:
     for i in range(count):
         path = folder / f"scene{i:03d}.JPEG"
         if not path.exists():
-            image, _ = render_scene(_image_rng(1000 + i, "unlabeled", i), SceneConfig(image_size=(375, 500)))
+            rng = _image_rng(1000 + i, "unlabeled", i)
+            image, _ = render_scene(rng, SceneConfig(image_size=(375, 500)))
+            if grain:
+                image = np.clip(image + rng.normal(0.0, grain, image.shape), 0, 255).astype(np.uint8)
             Image.fromarray(image).save(path, quality=90)
         paths.append(path)
     return paths
@@ -224,7 +232,15 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64, help="images per throughput round and reader")
     p.add_argument("--rounds", type=int, default=15, help="throughput rounds (median reported)")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--only-throughput", action="store_true",
+                   help="only the images/s per worker (no 1M-file tree, no start-up runs)")
+    p.add_argument("--grain", type=float, default=0.0,
+                   help="noise std added to the JPEGs (26: photograph-sized files, ~110 KB, as ImageNet's average)")
+    p.add_argument("--gpu-images-per-s", type=float, nargs="*", default=[],
+                   help="training step rates of one GPU: print the workers each needs at each")
     args = p.parse_args()
+    if args.only_throughput:
+        return throughput_only(args)
 
     work = Path(args.workdir)
     cache = work / "cache"
@@ -273,6 +289,22 @@ def main() -> None:
             os.link(path, few / path.name)
     results["images_per_s_per_worker"] = throughput(few, work / "shards" / "bench", args.samples, args.rounds)
     print(f"images/s per worker (224 px JPEG decode + crop + flip): {results['images_per_s_per_worker']}")
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def throughput_only(args: argparse.Namespace) -> None:
+    work = Path(args.workdir) / f"grain{args.grain:g}"
+    os.environ["SPARK_DET_CACHE"] = str(work / "cache")
+    jpegs = make_jpegs(work / "jpegs", 64, args.grain)
+    sizes = sorted(path.stat().st_size for path in jpegs)
+    rates = throughput(work / "jpegs", work / "shards" / "bench", args.samples, args.rounds)
+    results = {"machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+               "python": platform.python_version(), "grain": args.grain,
+               "jpeg_kb_median": round(sizes[len(sizes) // 2] / 1024, 1), "images_per_s_per_worker": rates}
+    slowest = min(rates["folder"], rates["shards"])
+    results["workers_per_gpu"] = {str(rate): round(rate / slowest, 1) for rate in args.gpu_images_per_s}
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -53,6 +53,8 @@ def main(argv=None) -> None:
         for impl, series in by_impl.items():
             ax.plot([b for b, _ in series], [v for _, v in series], marker="o", label=impl)
         ax.set_xscale("log", base=2)
+        batches = sorted({b for series in by_impl.values() for b, _ in series})
+        ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_title(model)
         ax.set_xlabel("batch size")
         ax.set_ylabel("images/s")
