@@ -44,6 +44,23 @@ def from_rows(rows: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, in
     return dense.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
+def activate_map(act: nn.Module, rows: torch.Tensor, index: torch.Tensor,
+                 shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """``act`` applied to the rows, scattered: on the scattered map when ``act(0) == 0`` (ReLU,
+    SiLU, GELU, ...), so that before a dense convolution only one tensor is kept for backward."""
+    if _keeps_zero(act):  # masked positions remain empty
+        return act(from_rows(rows, index, shape))
+    return from_rows(act(rows), index, shape)
+
+
+def _keeps_zero(act: nn.Module) -> bool:
+    """Whether act(0) == 0, asked on a CPU tensor (no device synchronisation in the forward)."""
+    try:
+        return act(torch.zeros(1)).item() == 0
+    except RuntimeError:  # e.g. parameters on another device (PReLU): keep the rows form
+        return False
+
+
 def pointwise_conv_rows(rows: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """A 1x1 convolution (any stride: rows are taken at its output positions) as a matmul."""
     return F.linear(rows, conv.weight.flatten(1), conv.bias)
@@ -118,7 +135,7 @@ class _ResNetRowBlock(RowBlock):
     """Shared tail of ResNet blocks: SE, stochastic depth, shortcut, final activation, scatter."""
 
     def _finish(self, rows: torch.Tensor, x: torch.Tensor, out_hw: tuple[int, int],
-                last_act: nn.Module) -> torch.Tensor:
+                last_act: nn.Module, act_on_map: bool = False) -> torch.Tensor:
         b = x.shape[0]
         sample = self.active.sample_of_row(out_hw)
         if self.se is not None:
@@ -132,8 +149,10 @@ class _ResNetRowBlock(RowBlock):
             stride = x.shape[-1] // out_hw[1]
             shortcut = to_rows(x, self.active.rows(x.shape[-2:], stride=stride))
             shortcut = batch_norm_rows(pointwise_conv_rows(shortcut, conv), bn, self.sparse_sync)
-        rows = last_act(rows + shortcut)
-        return from_rows(rows, self.active.rows(out_hw), (b, rows.shape[1], *out_hw))
+        index, shape = self.active.rows(out_hw), (b, rows.shape[1], *out_hw)
+        if act_on_map:
+            return activate_map(last_act, rows + shortcut, index, shape)
+        return from_rows(last_act(rows + shortcut), index, shape)
 
 
 class RowBottleneck(_ResNetRowBlock, Bottleneck):
@@ -176,10 +195,12 @@ class RowBasicBlock(_ResNetRowBlock, BasicBlock):
         y = self.conv1(x)
         out_hw = tuple(y.shape[-2:])
         out_index = self.active.rows(out_hw)
-        rows = self.act1(batch_norm_rows(to_rows(y, out_index), self.bn1, sync))
-        y = self.conv2(from_rows(rows, out_index, (b, rows.shape[1], *out_hw)))
+        rows = batch_norm_rows(to_rows(y, out_index), self.bn1, sync)
+        y = self.conv2(activate_map(self.act1, rows, out_index, (b, rows.shape[1], *out_hw)))
         rows = batch_norm_rows(to_rows(y, out_index), self.bn2, sync)
-        return self._finish(rows, x, out_hw, self.act2)
+        # The output feeds the next block's dense 3x3 convolution: activated as a map, the tensor
+        # the activation keeps for backward is the one that convolution keeps.
+        return self._finish(rows, x, out_hw, self.act2, act_on_map=True)
 
 
 def _is_pointwise_fc(m: nn.Module) -> bool:
