@@ -28,7 +28,7 @@ from timm.models.convnext import ConvNeXtBlock
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from .layers import POINTWISE_LAYERS, SparseLayer
-from .norms import batch_norm_rows, visible_mean_rows
+from .norms import batch_norm_rows, layer_norm_rows, visible_mean_rows
 
 
 def to_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -230,8 +230,7 @@ class RowConvNeXtBlock(RowBlock, ConvNeXtBlock):
         index = self.active.rows((h, w))
         norm, mlp = self.norm, self.mlp
         rows = to_rows(self.conv_dw(x), index)
-        # LayerNorm over channels; LayerNorm2d's own forward would permute a 4-D input.
-        rows = F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        rows = layer_norm_rows(rows, norm)
         rows = mlp.drop1(mlp.act(fc_rows(mlp.fc1, rows)))
         if isinstance(mlp, GlobalResponseNormMlp):
             rows = grn_rows(mlp.grn, rows, self.active.sample_of_row((h, w)), b)
@@ -249,7 +248,7 @@ def densify_rows(feat: torch.Tensor, norm: nn.Module, fill: torch.Tensor, index:
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
         rows = batch_norm_rows(to_rows(feat, index), norm, getattr(norm, "sparse_sync", None))
     elif isinstance(norm, nn.LayerNorm):
-        rows = F.layer_norm(to_rows(feat, index), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        rows = layer_norm_rows(to_rows(feat, index), norm)
     else:
         raise TypeError(f"densify on rows needs a BatchNorm or a LayerNorm, got {type(norm).__name__}")
     b, c, h, w = feat.shape

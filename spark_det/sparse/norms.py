@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 ProcessGroup = object  # None (no sync), True (the default group) or a torch.distributed group
 
@@ -188,6 +189,12 @@ def batch_norm_rows(rows: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
     """BatchNorm over gathered visible vectors [N, C] with ``bn``'s parameters and buffers (not its
     forward: synchronisation comes from ``process_group``, whatever class ``bn`` has)."""
     return sparse_batch_norm(rows[:, :, None, None], None, bn, process_group)[:, :, 0, 0]
+
+
+def layer_norm_rows(rows: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm``'s LayerNorm over the channels of gathered vectors [N, C] (its own forward would
+    permute a 4-D input, as timm's LayerNorm2d does)."""
+    return F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:

@@ -14,11 +14,10 @@ same core as the fast path's (:mod:`.norms`), so it also synchronises under DDP.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 
 from .layers import SparseLayer
-from .norms import batch_norm_rows
+from .norms import batch_norm_rows, layer_norm_rows
 
 
 def gather_visible(x: torch.Tensor, mask: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -57,7 +56,7 @@ class GatherScatterLayerNorm(SparseLayer):
         size = x.shape[1:3] if self.channels_last else x.shape[2:4]
         mask = self.active.at(size)[:, 0]
         rows = gather_visible(x, mask, self.channels_last)
-        out = F.layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)
+        out = layer_norm_rows(rows, self)
         return scatter_visible(out, mask, x, self.channels_last)
 
 
