@@ -69,6 +69,31 @@ def test_spark_is_compared_with_scratch_seed_by_seed():
     assert box["mean"] == pytest.approx(0.5) and box["std"] == pytest.approx(math.sqrt(4.5))  # diffs +2, -1
 
 
+def _mmdet_run(tmp_path: Path, log: str) -> Path:
+    """An MMDetection work dir as its runner leaves it after a validation without COCO AP rows."""
+    stamp = tmp_path / "20261202_012936"
+    (stamp / "vis_data").mkdir(parents=True)
+    (stamp / "vis_data" / "scalars.json").write_text(json.dumps({"loss": 2.1, "iter": 400, "step": 400}) + "\n")
+    (stamp / "20261202_012936.log").write_text(log)
+    return tmp_path
+
+
+def test_an_mmdet_run_without_detections_scores_zero_ap(tmp_path):
+    from spark_det.demo.report import mmdet_results
+
+    work_dir = _mmdet_run(tmp_path, "mmengine - ERROR - coco_metric.py - compute_metrics - 465 - The testing "
+                                    "results of the whole dataset is empty.\n")
+    assert mmdet_results(work_dir) == {"box_AP": 0.0, "box_AP50": 0.0, "mask_AP": 0.0, "mask_AP50": 0.0}
+
+
+def test_an_mmdet_run_that_never_evaluated_is_an_error_not_a_zero(tmp_path):
+    from spark_det.demo.report import mmdet_results
+    from spark_det.errors import SparkDetError
+
+    with pytest.raises(SparkDetError, match="no COCO evaluation"):
+        mmdet_results(_mmdet_run(tmp_path, "mmengine - INFO - Iter(train) [10/400]\n"))
+
+
 def _markdown_tables(text: str) -> list[list[list[str]]]:
     """Body rows (cells stripped) of each markdown table in `text`, in order."""
     tables, rows = [], None

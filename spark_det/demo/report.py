@@ -7,6 +7,11 @@ import json
 import math
 from pathlib import Path
 
+from ..errors import SparkDetError
+
+# What MMDetection's CocoMetric logs (and no AP row) when a model made no detection at all.
+_MMDET_NO_DETECTIONS = "The testing results of the whole dataset is empty"
+
 
 def _ap(value: float) -> float:
     # Detectron2 reports NaN when a model made no detection at all; COCO AP is 0 then.
@@ -25,6 +30,10 @@ def mmdet_results(work_dir: Path) -> dict[str, float]:
     """Final COCO AP (0-100) from an MMDetection run's scalars.json (mmdet logs 0-1)."""
     files = sorted(work_dir.glob("*/vis_data/scalars.json"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if "coco/bbox_mAP" in line]
+    if not rows:
+        if any(_MMDET_NO_DETECTIONS in log.read_text() for log in work_dir.glob("*/*.log")):
+            return dict.fromkeys(METRICS, 0.0)  # COCO AP of no detections, as for Detectron2's NaN
+        raise SparkDetError(f"no COCO evaluation in the MMDetection run {work_dir}; see its log there")
     final = rows[-1]
     return {"box_AP": 100 * final["coco/bbox_mAP"], "box_AP50": 100 * final["coco/bbox_mAP_50"],
             "mask_AP": 100 * final["coco/segm_mAP"], "mask_AP50": 100 * final["coco/segm_mAP_50"]}
