@@ -123,6 +123,18 @@ def demo_pairs(tmp_path_factory):
             for fw in ("detectron2", "mmdet")}
 
 
+def test_only_the_frozen_protocol_changes_mmdetections_lr(tmp_path):
+    """The longer benchmark (full fine-tuning) keeps the config's lr, as it was measured with."""
+    from spark_det.demo.pipeline import FROZEN_MMDET_LR, DemoSettings, _finetune_command
+
+    data = {k: tmp_path / k for k in ("train_json", "train_images", "val_json", "val_images")}
+    for protocol, expected in (("frozen", [f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}"]), ("full", [])):
+        for init in ("spark", "scratch"):
+            cmd = _finetune_command("mmdet", init, 0, DemoSettings(protocol=protocol), data, tmp_path / "w.pth",
+                                    tmp_path / "run", tmp_path)
+            assert [c for c in map(str, cmd) if c.startswith("optim_wrapper.")] == expected
+
+
 def _detectron2_batches(cfg, batches=3):
     from itertools import islice
 
@@ -201,6 +213,9 @@ def test_mmdet_spark_and_scratch_get_the_same_budget_and_the_same_images_in_the_
     assert differ <= {"work_dir", "model.backbone.init_cfg", "model.backbone.init_cfg.type",
                       "model.backbone.init_cfg.checkpoint"}, differ
     assert spark.train_cfg.max_iters == 30 and spark.randomness.seed == 3
+    from spark_det.demo.pipeline import FROZEN_MMDET_LR
+
+    assert spark.optim_wrapper.optimizer.lr == scratch.optim_wrapper.optimizer.lr == FROZEN_MMDET_LR
 
     def batches(cfg, seed, n=3):
         set_random_seed(seed)  # what the Runner does with cfg.randomness.seed before building its loaders
