@@ -202,6 +202,7 @@ def test_mmdet_spark_and_scratch_get_the_same_budget_and_the_same_images_in_the_
     from mmdet.utils import register_all_modules
     from mmengine.runner import Runner, set_random_seed
 
+    from spark_det.demo.pipeline import FROZEN_MMDET_LR
     from spark_det.mmdet.train import build_config, build_parser
 
     register_all_modules()
@@ -213,8 +214,6 @@ def test_mmdet_spark_and_scratch_get_the_same_budget_and_the_same_images_in_the_
     assert differ <= {"work_dir", "model.backbone.init_cfg", "model.backbone.init_cfg.type",
                       "model.backbone.init_cfg.checkpoint"}, differ
     assert spark.train_cfg.max_iters == 30 and spark.randomness.seed == 3
-    from spark_det.demo.pipeline import FROZEN_MMDET_LR
-
     assert spark.optim_wrapper.optimizer.lr == scratch.optim_wrapper.optimizer.lr == FROZEN_MMDET_LR
 
     def batches(cfg, seed, n=3):
