@@ -119,6 +119,7 @@ def _finetune_command(fw: str, init: str, seed: int, s: DemoSettings, data: dict
                       run_dir: Path, root: Path) -> list[object]:
     steps = lr_milestones(s.finetune_iters)
     warmup = max(1, s.finetune_iters // 10)
+    frozen = s.protocol == "frozen"
     if fw == "detectron2":
         return _command(
             "train-det2", "--config-file", root / "det_configs/detectron2/mask_rcnn_R_18_FPN_cpu_demo.yaml",
@@ -128,7 +129,7 @@ def _finetune_command(fw: str, init: str, seed: int, s: DemoSettings, data: dict
             "MODEL.WEIGHTS", weights if init == "spark" else "", "SEED", seed,
             "SOLVER.MAX_ITER", s.finetune_iters, "SOLVER.IMS_PER_BATCH", s.finetune_batch,
             "SOLVER.STEPS", str(tuple(steps)), "SOLVER.WARMUP_ITERS", warmup,
-            "MODEL.BACKBONE.FREEZE_AT", 5 if s.protocol == "frozen" else 0)  # 5: stem and res2-res5, FrozenBN
+            "MODEL.BACKBONE.FREEZE_AT", 5 if frozen else 0)  # 5: stem and res2-res5, FrozenBN
     init_opt = f"model.backbone.init_cfg.checkpoint={weights}" if init == "spark" else "model.backbone.init_cfg=None"
     return _command(
         "train-mmdet", root / "det_configs/mmdet/mask-rcnn_r18_fpn_cpu_demo.py", "--output", run_dir,
@@ -136,9 +137,9 @@ def _finetune_command(fw: str, init: str, seed: int, s: DemoSettings, data: dict
         "--cfg-options", init_opt, f"randomness.seed={seed}", f"train_cfg.max_iters={s.finetune_iters}",
         f"train_cfg.val_interval={s.finetune_iters}", f"train_dataloader.batch_size={s.finetune_batch}",
         f"param_scheduler.1.milestones={steps}".replace(" ", ""), f"param_scheduler.0.end={warmup}",
-        f"model.backbone.frozen_stages={4 if s.protocol == 'frozen' else -1}",  # 4: the stem and all four stages
-        f"model.backbone.norm_eval={s.protocol == 'frozen'}",
-        *([f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}"] if s.protocol == "frozen" else []))
+        f"model.backbone.frozen_stages={4 if frozen else -1}",  # 4: the stem and all four stages
+        f"model.backbone.norm_eval={frozen}",
+        *([f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}"] if frozen else []))
 
 
 def _pair_jobs(fw: str, seed: int, s: DemoSettings, data: dict, weights: Path, out: Path, root: Path) -> list[Job]:
