@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from frameworks import require
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +42,29 @@ def test_data_pipeline_reports_images_per_worker_and_workers_per_gpu(tmp_path):
     assert figures["jpeg_kb_median"] > 80  # grain makes photograph-sized files
     slowest = min(figures["images_per_s_per_worker"]["folder"], figures["images_per_s_per_worker"]["shards"])
     assert figures["workers_per_gpu"]["800.0"] == round(800 / slowest, 1)
+
+
+@pytest.mark.slow
+def test_demo_pair_runs_the_demos_two_fine_tunes_with_the_same_overrides_and_reports_both(tmp_path):
+    require("detectron2")
+    import timm
+    import torch
+
+    demo = tmp_path / "demo"
+    run("-m", "spark_det", "make-data", "--num-train", "4", "--num-val", "2", "--single-class", demo / "data")
+    encoder = tmp_path / "encoder-resnet18.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), encoder)
+    run("-m", "spark_det", "convert", encoder, "--to", "detectron2", "--output", demo / "weights" / "r18_spark.pkl")
+    results = tmp_path / "pairs.jsonl"
+    out = run("benchmarks/demo_pair.py", "--demo", demo, "--framework", "detectron2", "--seed", "2", "--iters", "6",
+              "--output", tmp_path / "runs", "--json", results, "--", "SOLVER.BASE_LR", "0.001")
+    line = json.loads(results.read_text())
+    assert json.loads(out.splitlines()[-1]) == line
+    assert line["overrides"] == ["SOLVER.BASE_LR", "0.001"] and line["iters"] == 6
+    assert line["s_per_iter"] > 0  # Detectron2 times iterations from the fourth on
+    for init in ("spark", "scratch"):
+        cfg = (tmp_path / "runs" / f"detectron2_{init}_seed2" / "config.yaml").read_text()
+        assert "BASE_LR: 0.001" in cfg and "NUM_CLASSES: 1" in cfg and "SEED: 2" in cfg
+        assert 0.0 <= line[init]["box_AP"] <= 100.0
+    difference = line["spark"]["mask_AP"] - line["scratch"]["mask_AP"]  # of the rounded values
+    assert abs(line["spark_minus_scratch"]["mask_AP"] - difference) <= 0.011

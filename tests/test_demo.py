@@ -175,6 +175,7 @@ def test_detectron2_spark_and_scratch_get_the_same_budget_and_the_same_images_in
     differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     assert differ == {"MODEL.WEIGHTS"}, differ  # iterations, batch, lr schedule, seed, augmentation: all equal
     assert spark.SOLVER.MAX_ITER == 30 and spark.SEED == 3
+    assert spark.MODEL.ROI_HEADS.NUM_CLASSES == 6  # the data's own classes (the fixture's six shapes), not the file's
     first = _detectron2_batches(spark)
     assert _same_batches(first, _detectron2_batches(scratch))
     assert not _same_batches(first, _detectron2_batches(_reseeded(scratch, 4)))  # the comparison can fail

@@ -65,3 +65,22 @@ def test_scenes_have_variety_and_occlusion(tmp_path):
     assert min(fill) < 0.3 and max(fill) > 0.9
     rle = coco["annotations"][0]["segmentation"]
     assert mask_utils.area(rle) == coco["annotations"][0]["area"]
+
+
+def test_single_class_labels_the_same_images_and_masks_as_one_object_class(tmp_path):
+    from spark_det.demo.synthetic import SceneConfig
+
+    shapes = make_dataset(tmp_path / "shapes", 8, 2, 0, seed=3, scene=SceneConfig(image_size=(64, 64)))
+    objects = make_dataset(tmp_path / "objects", 8, 2, 0, seed=3,
+                           scene=SceneConfig(image_size=(64, 64), single_class=True))
+    for split in ("train", "val"):
+        a = json.loads(shapes[f"{split}_json"].read_text())
+        b = json.loads(objects[f"{split}_json"].read_text())
+        assert [c["name"] for c in b["categories"]] == ["object"]
+        assert {ann["category_id"] for ann in b["annotations"]} == {1}
+        assert len({ann["category_id"] for ann in a["annotations"]}) > 1
+        strip = [{k: v for k, v in ann.items() if k != "category_id"} for ann in a["annotations"]]
+        assert strip == [{k: v for k, v in ann.items() if k != "category_id"} for ann in b["annotations"]]
+        for image in a["images"]:
+            name = f"{split}/{image['file_name']}"
+            assert (shapes["root"] / name).read_bytes() == (objects["root"] / name).read_bytes()

@@ -21,18 +21,20 @@ def build_parser():
     p.add_argument("--image-size", type=int, nargs=2, default=[128, 128], metavar=("HEIGHT", "WIDTH"),
                    help="image height and width in pixels")
     p.add_argument("--seed", type=int, default=0, help="the data set is a pure function of this seed")
+    p.add_argument("--single-class", action="store_true",
+                   help='label every shape with one class, "object" (the demo\'s labels); default: six shape classes')
     return p
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    from ..demo.synthetic import make_dataset
+    from ..demo.synthetic import SceneConfig, make_dataset
 
     parser = build_parser()
     args = parse_with_output(parser, argv)
     if min(args.num_train, args.num_val, args.num_unlabeled) < 0 or min(args.image_size) < 16:
         parser.error("image counts must be >= 0 and image sides >= 16 pixels")
-    paths = make_dataset(args.output, args.num_train, args.num_val, args.num_unlabeled, tuple(args.image_size),
-                         args.seed)
+    scene = SceneConfig(image_size=tuple(args.image_size), single_class=args.single_class)
+    paths = make_dataset(args.output, args.num_train, args.num_val, args.num_unlabeled, seed=args.seed, scene=scene)
     for name, path in paths.items():
         print(f"{name:13s} {path}")
     return EXIT_OK

@@ -33,6 +33,17 @@ class SceneConfig:
     min_visible_fraction: float = 0.35  # objects hidden more than this by others are dropped
     min_area: int = 24  # pixels
     disc_clutter: bool = True  # soft discs in the background clutter (they look like the "circle" class)
+    # One "object" class for every shape: instance segmentation of whatever is there (cells, buildings,
+    # defects). Same images; only the labels change.
+    single_class: bool = False
+
+
+OBJECT_CLASS = "object"
+
+
+def class_names(cfg: SceneConfig) -> tuple[str, ...]:
+    """The categories a data set made with ``cfg`` is labelled with, in category-id order."""
+    return (OBJECT_CLASS,) if cfg.single_class else CLASSES
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, size: float,
@@ -157,14 +168,15 @@ def write_coco_split(root: Path, split: str, num_images: int, seed: int, cfg: Sc
         image_id = index + 1
         images.append({"id": image_id, "file_name": name, "height": cfg.image_size[0], "width": cfg.image_size[1]})
         for obj in objects:
-            annotations.append(coco_annotation(obj["mask"], obj["category"], image_id, len(annotations) + 1))
+            category = 0 if cfg.single_class else obj["category"]
+            annotations.append(coco_annotation(obj["mask"], category, image_id, len(annotations) + 1))
     ann_file = root / "annotations" / f"instances_{split}.json"
     ann_file.parent.mkdir(parents=True, exist_ok=True)
     coco = {
         "info": {"description": f"spark-det synthetic shapes, seed {seed}"},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)],
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(class_names(cfg))],
     }
     ann_file.write_text(json.dumps(coco))
     return ann_file
