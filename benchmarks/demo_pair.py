@@ -9,8 +9,8 @@ demo's detection settings were chosen (README "Demo results", docs/demo_tuning.m
 
 The two runs are exactly the demo's commands (``spark_det.demo.pipeline``), the same overrides appended
 to both, side by side on one core each. Prints one JSON line (AP of each run, SparK minus scratch, the
-median seconds per iteration) and appends it to ``--json``. Overrides can change the head's classes only
-through the data (``--data``: a folder as ``spark-det make-data`` writes it).
+median seconds per iteration) and appends it to ``--json``. The classes come from the data (``--data``:
+a folder as ``spark-det make-data`` writes it), as in the demo.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ PROTOCOLS = ("frozen", "full")
 # The demo's scenes: 1-4 objects of 20-50% of the image side, no disc-shaped clutter, every shape
 # labelled "object". With the six shape classes, no detector learned to call any region a shape within
 # the demo's budget (foreground accuracy 0 at every iteration in both frameworks, every AP below 4,
-# the ranking between SparK and scratch decided by noise); with one class it does within ~150
-# iterations and AP is 10-20, where the backbone's features decide the ranking.
+# the ranking between SparK and scratch decided by noise); with one class it does within 100-200
+# iterations and AP is 10-25, where the backbone's features decide the ranking (docs/demo_tuning.md).
 DEMO_SCENE = SceneConfig(min_objects=1, max_objects=4, min_scale=0.2, max_scale=0.5, min_visible_fraction=0.5,
                          disc_clutter=False, single_class=True)
 
