@@ -328,7 +328,10 @@ def test_a_full_disk_is_one_line_with_exit_4_and_after_freeing_space_the_run_res
     assert "No space left on device" in line and "MiB free there" in line and "unexpected pos" not in line
     assert "checkpoint-epoch0000-iter000002.pth" in (tmp_path / "left").read_text()  # the earlier one survived
     assert "RESUMED=0" in proc.stdout
-    assert losses(tmp_path) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    # Each iteration once, same values. The run inside the unshared namespace can round differently from the
+    # straight run (measured on an AMD EPYC: 1.07e-6 of one loss, while every other resume test here agrees to
+    # 1e-6); a repeated or skipped iteration shifts them by far more (they fall ~2e-4 an iteration).
+    assert losses(tmp_path) == pytest.approx(losses(straight), rel=1e-5, abs=1e-7)
 
 
 @needs_tmpfs
