@@ -97,7 +97,7 @@ def plan_seconds(s: DemoSettings) -> dict[str, float]:
 
 # Measured on the README's machine (2 cores, idle; a fine-tune's step with one thread, two fine-tunes at once).
 SECONDS = {"pretrain_images_per_s": 28.0, "finetune_start": 25.0, "detectron2_frozen_step": 0.16,
-           "detectron2_full_step": 0.46, "mmdet_frozen_step": 0.19, "mmdet_full_step": 0.50}
+           "detectron2_full_step": 0.27, "mmdet_frozen_step": 0.19, "mmdet_full_step": 0.33}
 
 
 # MMDetection's heads on the frozen backbone learn better at half its config's AdamW lr (2e-3, kept for full
