@@ -102,7 +102,8 @@ SECONDS = {"pretrain_images_per_s": 28.0, "finetune_start": 25.0, "detectron2_fr
 
 # MMDetection's heads on the frozen backbone learn better at half its config's AdamW lr (2e-3, kept for full
 # fine-tuning): with the six-class demo, 1e-3 raised every metric's mean for SparK and for scratch on four seeds'
-# weights (box AP 1.9 -> 2.7 and 1.4 -> 2.2); with the one-class demo, 2e-3 cost SparK 4.2 box AP (seed 0).
+# weights (box AP 1.9 -> 2.7 and 1.4 -> 2.2); with the one-class demo, 2e-3 cost SparK 4.2 box AP (seed 0), and
+# with decoder width 192 5.9 and 0.1 (seeds 1, 5) while scratch's moved -1.5 and -1.3 (docs/demo_tuning.md).
 FROZEN_MMDET_LR = 1e-3
 
 
