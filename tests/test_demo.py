@@ -123,16 +123,17 @@ def demo_pairs(tmp_path_factory):
             for fw in ("detectron2", "mmdet")}
 
 
-def test_only_the_frozen_protocol_changes_mmdetections_lr(tmp_path):
-    """The longer benchmark (full fine-tuning) keeps the config's lr, as it was measured with."""
+def test_only_the_frozen_protocol_changes_mmdetections_lr_and_residual_init(tmp_path):
+    """The longer benchmark (full fine-tuning) keeps the config's lr and init, as it was measured with."""
     from spark_det.demo.pipeline import FROZEN_MMDET_LR, DemoSettings, _finetune_command
 
     data = {k: tmp_path / k for k in ("train_json", "train_images", "val_json", "val_images")}
-    for protocol, expected in (("frozen", [f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}"]), ("full", [])):
+    frozen = [f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}", "model.backbone.zero_init_residual=False"]
+    for protocol, expected in (("frozen", frozen), ("full", [])):
         for init in ("spark", "scratch"):
             cmd = _finetune_command("mmdet", init, 0, DemoSettings(protocol=protocol), data, tmp_path / "w.pth",
                                     tmp_path / "run", tmp_path)
-            assert [c for c in map(str, cmd) if c.startswith("optim_wrapper.")] == expected
+            assert [c for c in map(str, cmd) if c.startswith(("optim_wrapper.", "model.backbone.zero"))] == expected
 
 
 def _detectron2_batches(cfg, batches=3):
@@ -228,3 +229,27 @@ def test_mmdet_spark_and_scratch_get_the_same_budget_and_the_same_images_in_the_
     first = batches(spark, spark.randomness.seed)
     assert _same_batches(first, batches(scratch, scratch.randomness.seed))
     assert not _same_batches(first, batches(scratch, 4))  # the comparison can fail
+
+
+def test_mmdets_frozen_random_baseline_is_the_whole_resnet_as_in_detectron2(demo_pairs):
+    """MMDetection's default zero-initialises the last norm of every residual branch; frozen, that random
+    network would be its stem and shortcut convolutions only. The demo's scratch backbone keeps every branch."""
+    require("mmdet")
+    import torch
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from spark_det.mmdet.train import build_config, build_parser
+
+    register_all_modules()
+    scratch = build_config(build_parser().parse_args(list(map(str, demo_pairs["mmdet"][1]))))
+
+    def branch_end_norms(backbone_cfg):
+        torch.manual_seed(0)
+        backbone = MODELS.build(backbone_cfg)
+        backbone.init_weights()
+        return [block.norm2.weight for name in backbone.res_layers for block in getattr(backbone, name)]
+
+    assert all(bool((w != 0).all()) for w in branch_end_norms(scratch.model.backbone))
+    default = {**scratch.model.backbone, "zero_init_residual": True}  # MMDetection's own default
+    assert all(bool((w == 0).all()) for w in branch_end_norms(default))  # the check can fail

@@ -105,6 +105,12 @@ SECONDS = {"pretrain_images_per_s": 28.0, "finetune_start": 25.0, "detectron2_fr
 # weights (box AP 1.9 -> 2.7 and 1.4 -> 2.2); with the one-class demo, 2e-3 cost SparK 4.2 box AP (seed 0), and
 # with decoder width 192 5.9 and 0.1 (seeds 1, 5) while scratch's moved -1.5 and -1.3 (docs/demo_tuning.md).
 FROZEN_MMDET_LR = 1e-3
+# The frozen random baseline is the whole ResNet-18 with random weights in both frameworks. MMDetection's
+# default zero-initialises the last norm of every residual branch (a training aid), which in a frozen random
+# network removes all 16 branch convolutions and leaves the stem and three 1x1 shortcut convolutions;
+# Detectron2's random ResNet has every branch, and so does every pretrained one (docs/demo_tuning.md has the
+# runs against both baselines). Full fine-tuning keeps MMDetection's default: its branches learn.
+FROZEN_MMDET_OPTIONS = (f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}", "model.backbone.zero_init_residual=False")
 
 
 def lr_milestones(iters: int) -> list[int]:
@@ -145,7 +151,7 @@ def _finetune_command(fw: str, init: str, seed: int, s: DemoSettings, data: dict
         f"param_scheduler.1.milestones={steps}".replace(" ", ""), f"param_scheduler.0.end={warmup}",
         f"model.backbone.frozen_stages={4 if frozen else -1}",  # 4: the stem and all four stages
         f"model.backbone.norm_eval={frozen}",
-        *([f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}"] if frozen else []))
+        *(FROZEN_MMDET_OPTIONS if frozen else []))
 
 
 def _pair_jobs(fw: str, seed: int, s: DemoSettings, data: dict, weights: Path, out: Path, root: Path) -> list[Job]:
