@@ -96,7 +96,7 @@ def plan_seconds(s: DemoSettings) -> dict[str, float]:
 
 
 # Measured on the README's machine (2 cores, idle; a fine-tune's step with one thread, two fine-tunes at once).
-SECONDS = {"pretrain_images_per_s": 28.0, "finetune_start": 25.0, "detectron2_frozen_step": 0.16,
+SECONDS = {"pretrain_images_per_s": 24.0, "finetune_start": 25.0, "detectron2_frozen_step": 0.16,
            "detectron2_full_step": 0.27, "mmdet_frozen_step": 0.19, "mmdet_full_step": 0.33}
 
 
