@@ -135,21 +135,26 @@ class _ResNetRowBlock(RowBlock):
     """Shared tail of ResNet blocks: SE, stochastic depth, shortcut, final activation, scatter."""
 
     def _finish(self, rows: torch.Tensor, x: torch.Tensor, out_hw: tuple[int, int],
-                last_act: nn.Module, act_on_map: bool = False) -> torch.Tensor:
+                last_act: nn.Module, act_on_map: bool = False, x_kept: bool = False) -> torch.Tensor:
+        """``x_kept``: the block's first layer keeps the whole map ``x`` for backward anyway, so a
+        strided shortcut convolution runs on it rather than on a gathered copy that it would keep."""
         b = x.shape[0]
         sample = self.active.sample_of_row(out_hw)
+        index, shape = self.active.rows(out_hw), (b, rows.shape[1], *out_hw)
         if self.se is not None:
             rows = se_rows(self.se, rows, sample, b)
         if self.drop_path is not None:
             rows = per_sample_scale(self.drop_path, rows, sample, b)
         if self.downsample is None:
-            shortcut = to_rows(x, self.active.rows(out_hw))
+            shortcut = to_rows(x, index)
         else:
             conv, bn = self.downsample
-            stride = x.shape[-1] // out_hw[1]
-            shortcut = to_rows(x, self.active.rows(x.shape[-2:], stride=stride))
-            shortcut = batch_norm_rows(pointwise_conv_rows(shortcut, conv), bn, self.sparse_sync)
-        index, shape = self.active.rows(out_hw), (b, rows.shape[1], *out_hw)
+            if x_kept:
+                shortcut = to_rows(F.conv2d(x, conv.weight, conv.bias, conv.stride), index)
+            else:
+                stride = x.shape[-1] // out_hw[1]
+                shortcut = pointwise_conv_rows(to_rows(x, self.active.rows(x.shape[-2:], stride=stride)), conv)
+            shortcut = batch_norm_rows(shortcut, bn, self.sparse_sync)
         if act_on_map:
             return activate_map(last_act, rows + shortcut, index, shape)
         return from_rows(last_act(rows + shortcut), index, shape)
@@ -200,7 +205,7 @@ class RowBasicBlock(_ResNetRowBlock, BasicBlock):
         rows = batch_norm_rows(to_rows(y, out_index), self.bn2, sync)
         # The output feeds the next block's dense 3x3 convolution: activated as a map, the tensor
         # the activation keeps for backward is the one that convolution keeps.
-        return self._finish(rows, x, out_hw, self.act2, act_on_map=True)
+        return self._finish(rows, x, out_hw, self.act2, act_on_map=True, x_kept=True)
 
 
 def _is_pointwise_fc(m: nn.Module) -> bool:

@@ -40,7 +40,6 @@ from .layers import (
     POINTWISE_LAYERS,
     RemaskOutput,
     RemaskOutputChannelsLast,
-    SparseBatchNorm2d,
     SparseBatchNormAct2d,
     SparseEffectiveSEModule,
     SparseGlobalResponseNorm,
@@ -203,6 +202,10 @@ def _converter_for(module: nn.Module, impl: str) -> Optional[Callable[[nn.Module
         return sparse_subclass(type(module), VisibleReductions).adopt
     if isinstance(module, BlurPool2d):  # a fixed depthwise filter: a convolution
         return sparse_subclass(type(module), RemaskOutput).adopt
+    # A BatchNorm outside the row blocks (e.g. a ResNet stem's) normalises the gathered visible
+    # vectors on both paths: its backward keeps those, not the whole map.
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not isinstance(module, BatchNormAct2d):
+        return sparse_subclass(type(module), GatherScatterBatchNorm).adopt
     if impl == "fast":
         block = row_block_for(module)
         if block is not None:
@@ -213,8 +216,6 @@ def _converter_for(module: nn.Module, impl: str) -> Optional[Callable[[nn.Module
             return reference
     if isinstance(module, BatchNormAct2d):
         return SparseBatchNormAct2d.adopt
-    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-        return SparseBatchNorm2d.adopt
     if isinstance(module, nn.GroupNorm):
         return SparseGroupNorm.adopt
     if isinstance(module, SEModule):
@@ -231,7 +232,7 @@ def _converter_for(module: nn.Module, impl: str) -> Optional[Callable[[nn.Module
 
 
 def _reference_converter_for(module: nn.Module) -> Optional[Callable[[nn.Module, ActiveMask], nn.Module]]:
-    if isinstance(module, (BatchNormAct2d, nn.BatchNorm2d, nn.SyncBatchNorm)):
+    if isinstance(module, BatchNormAct2d):
         return sparse_subclass(type(module), GatherScatterBatchNorm).adopt
     if isinstance(module, (LayerNorm2d, LayerNorm2dFp32)):
         return sparse_subclass(type(module), GatherScatterLayerNorm).adopt
@@ -343,7 +344,7 @@ def enable_sparse_sync_batchnorm(model: nn.Module, process_group: object = True)
 
     Returns how many layers were switched. Use under DDP instead of nn.SyncBatchNorm.
     """
-    synchronised = (SparseBatchNorm2d, SparseBatchNormAct2d, RowBlock, GatherScatterBatchNorm)
+    synchronised = (SparseBatchNormAct2d, RowBlock, GatherScatterBatchNorm)
     layers = [m for m in model.modules() if isinstance(m, synchronised)]
     for layer in layers:
         layer.sparse_sync = process_group

@@ -7,7 +7,9 @@ positions did not exist. As in SparK's reference code this is emulated with dens
   their outputs are zeroed at masked positions, so masked positions hold exactly 0 at every scale;
   a convolution therefore sees zeros where the sparse image has no entries;
 * layers that pool statistics over positions (BatchNorm, GroupNorm, squeeze-excitation) use
-  masked reductions, i.e. statistics of the visible positions only (:mod:`.norms`).
+  masked reductions, i.e. statistics of the visible positions only (:mod:`.norms`); a plain
+  BatchNorm2d normalises the gathered visible vectors instead (:mod:`.reference`), the same
+  statistics, keeping less for backward.
 
 Layers are converted *per instance*: :func:`~spark_det.sparse.convert.sparsify` copies each module
 into a sparse subclass that shares its parameters and buffers, so parameter names (and thus timm
@@ -83,15 +85,6 @@ class RemaskOutputChannelsLast(RemaskOutput):
 def sparse_subclass(base: type, mixin: type) -> type:
     """``Sparse<Base>``: ``mixin``'s forward over ``base``'s (cached, one class per pair)."""
     return type(f"Sparse{base.__name__}", (mixin, base), {"__module__": __name__})
-
-
-class SparseBatchNorm2d(SparseLayer, nn.BatchNorm2d):
-    """BatchNorm2d over visible positions; ``sparse_sync`` all-reduces the statistics (DDP)."""
-
-    sparse_sync: object = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_batch_norm(x, self.active.like(x), self, self.sparse_sync)
 
 
 class SparseBatchNormAct2d(SparseLayer, BatchNormAct2d):

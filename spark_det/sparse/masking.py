@@ -52,6 +52,12 @@ def upsample_mask(visible: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return visible.repeat_interleave(size[0] // h, dim=2).repeat_interleave(size[1] // w, dim=3)
 
 
+def _index_dtype(numel: int) -> torch.dtype:
+    """int32 row indices where they fit: autograd keeps them for every gather and scatter, and
+    int64 ones would make the fast path keep more than the reference's boolean masks."""
+    return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
+
+
 class ActiveMask:
     """The visibility mask of the forward pass in progress, shared by one encoder's sparse layers.
 
@@ -105,7 +111,8 @@ class ActiveMask:
         key = ("rows", int(size[0]), int(size[1]), int(stride))
         if key not in cache:
             full = self.at(size)  # [B, 1, H, W]
-            positions = torch.arange(full.numel(), device=full.device).view(full.shape)
+            n = full.numel()
+            positions = torch.arange(n, device=full.device, dtype=_index_dtype(n)).view(full.shape)
             if stride > 1:
                 full, positions = full[..., ::stride, ::stride], positions[..., ::stride, ::stride]
             cache[key] = positions[full]

@@ -37,7 +37,8 @@ def scatter_visible(rows: torch.Tensor, mask: torch.Tensor, like: torch.Tensor, 
 class GatherScatterBatchNorm(SparseLayer):
     """BatchNorm2d / SyncBatchNorm / timm BatchNormAct2d over gathered visible vectors, normalised
     by the shared core (:func:`~spark_det.sparse.norms.batch_norm_rows`); ``sparse_sync``
-    all-reduces the statistics as in the other paths."""
+    all-reduces the statistics as in the other paths. The fast path uses it too for BatchNorms
+    outside its row blocks (a ResNet stem's): backward keeps only the visible vectors."""
 
     sparse_sync: object = None
 

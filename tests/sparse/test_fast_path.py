@@ -87,7 +87,7 @@ def _activations_saved_for_backward(model, images, visible, autocast_dtype):
 
 
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["resnet50", "convnext_atto"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "convnext_atto"])
 def test_fast_path_keeps_no_more_activations_for_backward_than_the_reference(name, autocast_dtype):
     """Counted exactly (what autograd saves), not measured by an allocator; at 128 px, where the
     mask grid (4 x 4, 6 visible) keeps close to the paper's 40% of the image."""

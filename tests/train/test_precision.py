@@ -10,8 +10,8 @@ import torch
 from spark_det.cli import pretrain as pretrain_cli
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.model import SparseEncoder
-from spark_det.sparse.layers import SparseBatchNorm2d
 from spark_det.sparse.masking import random_visible_mask
+from spark_det.sparse.reference import GatherScatterBatchNorm
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")
@@ -32,7 +32,7 @@ def test_batchnorm_statistics_under_autocast_stay_finite_and_close_to_fp32(dtype
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=precision == "amp"):
             encoder(images, visible)
         encoders[precision] = encoder
-    norms = {n: m for n, m in encoders["amp"].named_modules() if isinstance(m, SparseBatchNorm2d)}
+    norms = {n: m for n, m in encoders["amp"].named_modules() if isinstance(m, GatherScatterBatchNorm)}
     assert "model.bn1" in norms
     reference = dict(encoders["fp32"].named_modules())
     for name, bn in norms.items():
