@@ -109,7 +109,8 @@ class SparK(nn.Module):
 
     def predict(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Decoder output [B, 3, H, W], in normalised-patch space when ``norm_pix_loss``."""
-        return self.decoder(self.densify(self.encoder(images, visible), visible))
+        with self.encoder.active.use(visible):  # encoder and densify share the per-resolution masks
+            return self.decoder(self.densify(self.encoder(images, visible), visible))
 
     def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-patch targets [B, L, p*p*3] and the patch mean / std used to normalise them."""

@@ -64,7 +64,8 @@ class ActiveMask:
     Replaces the reference code's module-level global: every sparse layer receives the holder of
     its own encoder at conversion time, so two encoders in one process never see each other's
     mask. ``use`` is a context manager and re-entrant (a stack), and the per-resolution masks are
-    computed once per forward pass and cached for the duration of the context.
+    computed once per forward pass and cached for the duration of the outermost context that
+    uses the same mask.
     """
 
     def __init__(self) -> None:
@@ -74,7 +75,10 @@ class ActiveMask:
     def use(self, visible: torch.Tensor) -> Iterator[None]:
         if visible.dim() != 4 or visible.shape[1] != 1 or visible.dtype != torch.bool:
             raise ValueError(f"visible mask must be bool [B, 1, h, w], got {visible.dtype} {tuple(visible.shape)}")
-        self._stack.append((visible, {}))
+        # A nested use of the same mask (SparK's densify inside its prediction) shares the cache:
+        # one index tensor per resolution, not a copy per context that backward would keep too.
+        shared = self._stack and self._stack[-1][0] is visible
+        self._stack.append((visible, self._stack[-1][1] if shared else {}))
         try:
             yield
         finally:

@@ -9,11 +9,14 @@ BatchNorm over the few visible vectors of a tiny test image amplifies summation-
 difference behind a loose tolerance. The fp32 loss is checked to 1e-5 (relative).
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from spark_det.model.registry import create_spark
 from spark_det.sparse.blocks import RowBasicBlock, RowBlock, RowBottleneck, RowConvNeXtBlock
+from spark_det.train.config import load_recipe
 
 # model -> (row block the fast path must use, how many), one per supported family
 FAMILIES = {
@@ -96,6 +99,21 @@ def test_fast_path_keeps_no_more_activations_for_backward_than_the_reference(nam
     visible = reference.random_mask(images, torch.Generator().manual_seed(2))
     saved = {impl: _activations_saved_for_backward(m, images, visible, autocast_dtype)
              for impl, m in (("reference", reference), ("fast", fast))}
+    assert saved["fast"] <= saved["reference"], saved
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_at_the_demos_pretraining_size_the_fast_path_keeps_no_more_than_the_reference(autocast_dtype):
+    """The demo's recipe (ResNet-18, batch 32 at 96 px, 3 x 3 mask grid), where the stem's
+    BatchNorm and BasicBlock's strided shortcuts had kept 3.8% more on the fast path."""
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "pretrain" / "resnet18_cpu_demo.yaml")
+    torch.manual_seed(0)
+    models = {impl: create_spark(recipe["model"], sparse_impl=impl, decoder_width=recipe["decoder_width"])
+              for impl in ("reference", "fast")}
+    models["fast"].load_state_dict(models["reference"].state_dict())
+    images = torch.randn(recipe["batch_size"], 3, *recipe["input_size"], generator=torch.Generator().manual_seed(1))
+    visible = models["reference"].random_mask(images, torch.Generator().manual_seed(2))
+    saved = {impl: _activations_saved_for_backward(m, images, visible, autocast_dtype) for impl, m in models.items()}
     assert saved["fast"] <= saved["reference"], saved
 
 

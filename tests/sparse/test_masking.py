@@ -47,3 +47,27 @@ def test_active_mask_is_scoped_and_reentrant():
             assert not active.at((4, 4)).any()
         assert active.at((4, 4)).all()
     assert not active.is_set
+
+
+def test_a_nested_use_of_the_same_mask_shares_its_row_indices_and_another_mask_does_not():
+    """SparK's densify runs inside the encoder's prediction context: one index tensor per
+    resolution for the whole step (backward keeps each one it is given)."""
+    active = ActiveMask()
+    visible = random_visible_mask(2, (2, 2), 0.5, torch.Generator().manual_seed(0))
+    with active.use(visible):
+        rows = active.rows((4, 4))
+        with active.use(visible):
+            assert active.rows((4, 4)) is rows
+            with active.use(visible.clone()):
+                assert active.rows((4, 4)) is not rows
+                assert torch.equal(active.rows((4, 4)), rows)
+    with active.use(visible):  # a new outermost context starts afresh
+        assert active.rows((4, 4)) is not rows
+
+
+def test_row_indices_are_int32_where_they_fit():
+    """Half the bytes of int64 in every gather and scatter that backward keeps."""
+    active = ActiveMask()
+    with active.use(torch.ones(2, 1, 2, 2, dtype=torch.bool)):
+        assert active.rows((8, 8)).dtype == torch.int32
+        assert torch.equal(active.rows((8, 8)), torch.arange(128, dtype=torch.int32))
