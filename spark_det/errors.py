@@ -9,6 +9,8 @@
 | 4    | a file-system error: an output cannot be written (read-only, full disk, ...) |
 | 5    | the run folder is in use by another run (a lock held by a live process)     |
 | 6    | the processes of a distributed run could not meet (rendezvous timed out)     |
+| 7    | masked patches reach visible features (the leak audit failed); no checkpoint |
+|      | of the leaking weights is written                                           |
 | 143  | stopped by SIGTERM (preemption) after writing a checkpoint: resume it        |
 | 130  | interrupted (Ctrl-C)                                                        |
 
@@ -25,6 +27,7 @@ EXIT_DIVERGED = 3
 EXIT_CANNOT_WRITE = 4
 EXIT_LOCKED = 5
 EXIT_NO_RENDEZVOUS = 6
+EXIT_LEAKS = 7
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect
 EXIT_INTERRUPTED = 130
 
@@ -91,3 +94,9 @@ class PreemptedError(SparkDetError):
     """SIGTERM arrived: the run finished its step, wrote a checkpoint and stopped."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class LeakError(SparkDetError):
+    """The leak audit found a visible feature that depends on masked patches (:mod:`spark_det.model.leak_probe`)."""
+
+    exit_code = EXIT_LEAKS

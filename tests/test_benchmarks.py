@@ -68,3 +68,11 @@ def test_demo_pair_runs_the_demos_two_fine_tunes_with_the_same_overrides_and_rep
         assert 0.0 <= line[init]["box_AP"] <= 100.0
     difference = line["spark"]["mask_AP"] - line["scratch"]["mask_AP"]  # of the rounded values
     assert abs(line["spark_minus_scratch"]["mask_AP"] - difference) <= 0.011
+
+
+def test_leak_audit_benchmark_prints_the_cost_per_checkpoint(tmp_path):
+    results = tmp_path / "audit.json"
+    out = run("benchmarks/leak_audit.py", "--models", "resnet18", "--repeats", "1", "--json", results)
+    row = json.loads(results.read_text())["results"][0]
+    assert row["model"] == "resnet18" and row["audit_s"] > 0 and row["probe_s"] > 0
+    assert f"| resnet18 | {row['params_m']} |" in out

@@ -47,20 +47,17 @@ from .layers import (
     SparseGroupNormAct,
     SparseLayer,
     SparseSEModule,
+    UnsupportedLayerError,
+    describe_layer,
     sparse_subclass,
 )
 from .masking import ActiveMask
-from .reductions import VisibleReductions
+from .reductions import Audit, VisibleReductions
 from .reference import (
     GatherScatterBatchNorm,
     GatherScatterLayerNorm,
     GatherScatterLayerNormChannelsLast,
 )
-
-
-class UnsupportedLayerError(TypeError):
-    """A layer on the encoder's forward path has no sparse implementation."""
-
 
 IMPLEMENTATIONS = ("fast", "reference")
 # Norms whose statistics over positions are computed in their own forward (x.var((2, 3)), ...):
@@ -75,11 +72,14 @@ STATISTICS_NORMS: tuple[type, ...] = (
 
 @dataclass
 class ProbeRecord:
-    """What a dense probe forward showed of each module it ran: order and tensor shapes."""
+    """What a dense probe forward showed of each module it ran: order and tensor shapes, and (with
+    an audit, :class:`.reductions.Audit`) the reductions over positions in each module's own code."""
 
     order: list[str] = field(default_factory=list)
     inputs: dict[str, Optional[tuple[int, ...]]] = field(default_factory=dict)  # first tensor argument
     outputs: dict[str, Optional[tuple[int, ...]]] = field(default_factory=dict)
+    reducers: dict[str, list[str]] = field(default_factory=dict)  # module -> convertible reductions
+    refusals: dict[str, list[str]] = field(default_factory=dict)  # module -> what cannot run sparsely
 
 
 def _shape(value: object) -> Optional[tuple[int, ...]]:
@@ -88,9 +88,34 @@ def _shape(value: object) -> Optional[tuple[int, ...]]:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def probe_modules(model: nn.Module, run: Callable[[], object]) -> ProbeRecord:
-    """Run ``run()`` (a dense forward) and record every module it calls, in order, with shapes."""
+def trusted_in_audit(impl: str) -> Callable[[str, nn.Module], bool]:
+    """Modules whose code the audit need not read: those replaced by spark-det's own sparse
+    version (except :class:`VisibleReductions`, which runs the module's own code) and activations."""
+    def trusted(name: str, module: nn.Module) -> bool:
+        if isinstance(module, (POINTWISE_LAYERS, SparseLayer)) and not isinstance(module, VisibleReductions):
+            return True
+        convert = _converter_for(module, impl)
+        return convert is not None and not issubclass(getattr(convert, "__self__", object), VisibleReductions)
+
+    return trusted
+
+
+def probe_modules(model: nn.Module, run: Callable[[], object], audit_input: Optional[torch.Tensor] = None,
+                  impl: str = "fast") -> ProbeRecord:
+    """Run ``run()`` (a dense forward) and record every module it calls, in order, with shapes.
+
+    With ``audit_input`` (the image tensor ``run`` feeds the model) the forward also runs under the
+    construction audit (:class:`.reductions.Audit`): which modules reduce over positions in their
+    own code, and what in them cannot run sparsely.
+    """
     record = ProbeRecord()
+    if audit_input is not None:
+        audit = Audit(model, trusted_in_audit(impl))
+        inner = run
+
+        def run() -> object:
+            return audit.run(audit_input, lambda _images: inner())
+
     handles = []
     for name, module in model.named_modules():
         def hook(_m, inputs, output, name=name):
@@ -103,6 +128,8 @@ def probe_modules(model: nn.Module, run: Callable[[], object]) -> ProbeRecord:
     finally:
         for h in handles:
             h.remove()
+    if audit_input is not None:
+        record.reducers, record.refusals = audit.reducers, audit.refusals
     return record
 
 
@@ -134,18 +161,19 @@ class PooledPlan:
                 continue  # inside a module that already runs on pooled vectors
             owner = next((a for a in ancestors if a in record.inputs and not is_pooled(record.inputs[a])), "")
             if owner == "":
-                raise UnsupportedLayerError(_unsupported(name, dict(model.named_modules())[name],
+                raise UnsupportedLayerError(describe_layer(name, dict(model.named_modules())[name],
                                                         "runs on pooled vectors that no module of the model pools"))
             owners.add(owner)
         # a leaf that pools by itself (nn.AdaptiveAvgPool2d(1), ...)
         owners |= {n for n in record.order if n in leaves and not is_pooled(record.inputs[n])
                    and is_pooled(record.outputs[n])}
+        # and every module whose own code reduces over positions (the audit), however it is spelled
+        if "" in record.reducers:
+            raise UnsupportedLayerError(describe_layer("", model, "reduces over positions in the model's own "
+                                                       f"forward ({record.reducers[''][0]})"))
+        owners |= set(record.reducers)
         return cls(on_pooled, owners)
 
-
-def _unsupported(name: str, module: nn.Module, why: str) -> str:
-    return (f"layer '{name or type(module).__name__}' ({type(module).__module__}.{type(module).__qualname__}) "
-            f"{why}")
 
 
 def acts_per_position(module: nn.Module, shape: tuple[int, ...]) -> Optional[bool]:
@@ -273,26 +301,33 @@ def sparsify(
     selected = None if only is None else set(only)
     plan = PooledPlan.of(model, probe) if probe is not None else PooledPlan(set(), set())
 
+    per_position: set[str] = set()
+
     def visit(parent: nn.Module, prefix: str) -> nn.Module:
         chosen = selected is None or prefix in selected
         if chosen and prefix in plan.on_pooled:
             return parent  # one vector per sample: nothing to mask
+        children = list(parent.named_children())
+        if chosen and prefix in plan.owners and not children and not isinstance(parent, SparseLayer):
+            # a leaf that pools (a global pool; a max pool whose window covers the map)
+            return sparse_subclass(type(parent), VisibleReductions).adopt(parent, active, prefix)
         convert = _converter_for(parent, impl)
         if convert is not None and chosen:
             # SE modules and row blocks are replaced whole: their children run on pooled
             # [B, C, 1, 1] vectors or on gathered rows.
-            return convert(parent, active)
-        children = list(parent.named_children())
-        if chosen and prefix in plan.owners and not children:
-            return sparse_subclass(type(parent), VisibleReductions).adopt(parent, active)
+            new = convert(parent, active)
+            if isinstance(new, VisibleReductions):
+                new.sparse_name = prefix
+            return new
         if not children and chosen and not isinstance(parent, SparseLayer):
             if isinstance(parent, POINTWISE_LAYERS):
                 return parent
             layout = acts_per_position(parent, probe.inputs[prefix]) if probe and probe.inputs.get(prefix) else None
             if layout is None:
-                raise UnsupportedLayerError(_unsupported(
+                raise UnsupportedLayerError(describe_layer(
                     prefix, parent, "has no sparse implementation in spark_det.sparse and is not a per-position "
                     "layer: it could mix masked and visible positions. Add a sparse version or use another model."))
+            per_position.add(prefix)
             return sparse_subclass(type(parent), RemaskOutput if layout else RemaskOutputChannelsLast).adopt(
                 parent, active)
         for name, child in children:
@@ -300,10 +335,18 @@ def sparsify(
             if new is not child:
                 setattr(parent, name, new)
         if chosen and prefix in plan.owners:
-            return sparse_subclass(type(parent), VisibleReductions).adopt(parent, active)
+            return sparse_subclass(type(parent), VisibleReductions).adopt(parent, active, prefix)
         return parent
 
-    return visit(model, "")
+    converted = visit(model, "")
+    if probe is not None:  # what the audit found that no conversion covers: refused before any training
+        modules = dict(model.named_modules())
+        for name, found in probe.refusals.items():
+            if name not in per_position and (selected is None or name in selected):
+                raise UnsupportedLayerError(describe_layer(name, modules.get(name), f"computes {found[0]}; it "
+                                                           "cannot run sparsely (use another model or add a sparse "
+                                                           "version of the block)"))
+    return converted
 
 
 @contextlib.contextmanager
@@ -326,12 +369,12 @@ def naming_the_failing_layer(model: nn.Module) -> Iterator[None]:
         yield
     except UnsupportedLayerError:
         raise
-    except (RuntimeError, ValueError, TypeError) as exc:
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as exc:
         failed = stack[-1:]
         if not failed:
             raise
         module = dict(model.named_modules())[failed[0]]
-        raise UnsupportedLayerError(_unsupported(failed[0], module, f"fails under sparse execution: "
+        raise UnsupportedLayerError(describe_layer(failed[0], module, f"fails under sparse execution: "
                                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
                                     ) from exc
     finally:

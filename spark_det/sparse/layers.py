@@ -20,6 +20,7 @@ checkpoints) are unchanged and no timm or torch class is modified. The mask reac
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,25 @@ POINTWISE_LAYERS: tuple[type, ...] = (
     timm_act.HardMish, timm_act.GELU,
     timm_act.GELUTanh, timm_act.QuickGELU,
 )
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer on the encoder's forward path has no sparse implementation. (Not a TypeError: raised
+    inside a tensor's ``__matmul__`` or ``__add__``, Python would turn that into NotImplemented.)"""
+
+
+def dense_class(module: nn.Module) -> type:
+    """The class a sparse layer was made from (``SparseSEModule`` -> ``SEModule``), else the module's own."""
+    if not isinstance(module, SparseLayer):
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, SparseLayer) and c is not object)
+
+
+def describe_layer(name: str, module: Optional[nn.Module], why: str) -> str:
+    """"layer '<name>' (<module.Class>) <why>": how every refusal names the layer (by its dense class)."""
+    cls = dense_class(module) if module is not None else None
+    where = f"{cls.__module__}.{cls.__qualname__}" if cls is not None else "unknown class"
+    return f"layer '{name or (cls.__name__ if cls else '?')}' ({where}) {why}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "vis_images": 8,
     "log_every": 20,  # iterations between plain log lines when stdout is not a terminal
     "stop_after_iters": 0,  # > 0: stop as if interrupted (after a checkpoint), for testing resume
+    "leak_audit": True,  # the leak probe on the live encoder after loading weights and before each checkpoint
 }
 
 
@@ -56,7 +57,7 @@ OPTIONAL_NON_NEGATIVE_FLOAT_KEYS = ("lr", "clip_grad", "drop_path_rate", "max_lo
 # Keys that change what a run logs, writes or when it stops, never the weights it trains.
 BOOKKEEPING_KEYS = frozenset({
     "num_workers", "dist_timeout_s", "save_every_iters", "keep_checkpoints", "max_loss", "export_every_epochs",
-    "vis_every_epochs", "vis_images", "log_every", "stop_after_iters",
+    "vis_every_epochs", "vis_images", "log_every", "stop_after_iters", "leak_audit",
 })
 
 
@@ -165,8 +166,9 @@ def validate(cfg: dict[str, Any]) -> None:
         raise bad("amp", f"one of {', '.join(AMP_MODES)}")
     if cfg["optimizer"] not in OPTIMIZERS:
         raise bad("optimizer", f"one of {', '.join(OPTIMIZERS)}")
-    if not isinstance(cfg["channels_last"], bool):
-        raise bad("channels_last", "true or false")
+    for key in ("channels_last", "leak_audit"):
+        if not isinstance(cfg[key], bool):
+            raise bad(key, "true or false")
     if not isinstance(cfg["model"], str) or not cfg["model"]:
         raise bad("model", "a timm model name")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import threading
@@ -89,6 +90,18 @@ class DenseSyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = True if dist.is_initialized() and dist.get_world_size() > 1 else None
         return sparse_batch_norm(x, None, self, group)
+
+
+def unsynchronised_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` whose BatchNorms compute their statistics locally: one rank can run
+    it alone (the leak audit) without waiting in a collective for the others."""
+    copy_ = copy.deepcopy(model).cpu()
+    enable_sparse_sync_batchnorm(copy_, None)
+    for parent in copy_.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, (nn.SyncBatchNorm, DenseSyncBatchNorm2d)) and not isinstance(child, SparseLayer):
+                setattr(parent, name, retype(child, nn.BatchNorm2d))
+    return copy_
 
 
 class StillSparseError(RuntimeError):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -32,14 +33,30 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, SparkDetError, first_line
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    LeakError,
+    NonFiniteLossError,
+    PreemptedError,
+    SparkDetError,
+    first_line,
+)
 from ..io import PathLike, save_atomic, write_atomic
+from ..model.leak_probe import find_leak
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
 from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
 from .config import same_trajectory
 from .data import open_source
-from .distributed import all_true, init_distributed, on_main_rank, require_same_on_every_rank, sync_batchnorms
+from .distributed import (
+    all_true,
+    init_distributed,
+    on_main_rank,
+    require_same_on_every_rank,
+    sync_batchnorms,
+    unsynchronised_copy,
+)
 from .engine import train_one_epoch
 from .optim import build_optimizer
 from .progress import ProgressLog
@@ -138,6 +155,8 @@ class Pretrainer:
             on_main_rank(lambda: self._take_folder(resume), self.dist)
             self._resume(resume)
             on_main_rank(self._tidy_folder, self.dist)
+            if init_weights or self.start_epoch or self.start_iter:
+                self.audit_leaks("the loaded weights")
         except BaseException:
             self.close()
             raise
@@ -261,6 +280,24 @@ class Pretrainer:
             }, (epoch, next_iter))
 
         on_main_rank(write, self.dist)
+
+    def audit_leaks(self, what: str) -> Optional[float]:
+        """The leak probe (:func:`~spark_det.model.leak_probe.find_leak`) on a float64 copy of the
+        live encoder with its weights as they are: trained weights can open a leak the construction
+        probe could not see, and a swapped-in module can too. Every rank checks its own copy (the
+        weights are the same under DDP); a finding on any rank stops all of them with
+        :class:`~spark_det.errors.LeakError` naming the layer. Returns the seconds it took, or None
+        when ``leak_audit`` is off."""
+        if not self.cfg["leak_audit"]:
+            return None
+        start = time.perf_counter()
+        finding = find_leak(unsynchronised_copy(self.spark.encoder), randomise=False, copy_first=False)
+        if not all_true(finding is None):
+            raise self._said_once(LeakError(f"leak audit of {what} failed: "
+                                            f"{finding or 'on another rank'}; no checkpoint of these weights is kept"))
+        seconds = time.perf_counter() - start
+        self.log(f"[pretrain] leak audit of {what}: passed ({seconds:.1f} s)")
+        return seconds
 
     def _state_is_finite(self) -> bool:
         tensors = [t for t in self.spark.state_dict().values() if t.is_floating_point()]
@@ -386,12 +423,19 @@ class Pretrainer:
             metrics["skipped_images"], metrics["skipped_total"] = len(batch_skipped), len(self.skipped)
             state["loss"], state["done"] = metrics["loss"], it + 1
             progress.update(metrics)
+            done = it + 1
+            checkpoint_due = (i + 1 == self.iters_per_epoch or metrics["stop_requested"]
+                              or (cfg["save_every_iters"] and done % cfg["save_every_iters"] == 0)
+                              or (cfg["stop_after_iters"] and done >= cfg["stop_after_iters"]))
+            if checkpoint_due:  # these weights are about to be kept: audit them first
+                seconds = self.audit_leaks(f"the weights after iteration {done}")
+                if seconds is not None:
+                    metrics["leak_audit_s"] = round(seconds, 3)  # present: the audit passed on this step's weights
             if is_main:
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
                 for key in ("loss", "lr", "wd", "grad_norm", "images_per_s"):
                     writer.add_scalar(f"train/{key}", metrics[key], it)
-            done = it + 1
             if cfg["save_every_iters"] and done % cfg["save_every_iters"] == 0 and i + 1 < self.iters_per_epoch:
                 self.save_checkpoint(epoch, i + 1)
             if metrics.pop("stop_requested"):

@@ -1,7 +1,9 @@
 """Any timm CNN: sparse and leak-free on both implementations, or refused naming a layer.
 
-For each model: (a) features at visible positions and every BatchNorm statistic do not depend on
-masked patches: the same image with more masked patches appended (on the right) gives the same
+For each model, with every parameter and buffer randomised as training would leave them (zero-initialised
+last layers, gates and layer scales would hide a leak): (a) features at visible positions and every
+BatchNorm statistic do not depend on masked patches, nor do pooled values on whether any patch is
+masked: the same image with more masked patches appended (on the right) gives the same
 features on the common part and the same running statistics. Changing pixels inside masked
 patches would not test this (the encoder zeroes masked pixels before the first layer); adding
 masked positions changes every statistic that counts them (a dense mean, BatchNorm or squeeze
@@ -17,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spark_det.model.encoder import SparseEncoder, _randomise_norm, same_on_common_part
+from spark_det.model.encoder import SparseEncoder
+from spark_det.model.leak_probe import find_leak, randomise_like_training, same_on_common_part
 from spark_det.sparse.convert import UnsupportedLayerError, sparsify
 from spark_det.sparse.masking import upsample_mask
 
@@ -57,10 +60,8 @@ def _statistics(model):
 def leaks(encoder: SparseEncoder) -> list[str]:
     """What in ``encoder`` depends on masked patches: a list of findings (empty when leak-free)."""
     probe = copy.deepcopy(encoder).double().train()
-    generator = torch.Generator().manual_seed(1)
+    randomise_like_training(probe, torch.Generator().manual_seed(1))  # every weight, as training leaves them
     for module in probe.modules():
-        with torch.no_grad():
-            _randomise_norm(module, generator)
         if isinstance(module, (nn.Dropout, timm.layers.DropPath)):
             module.eval()
     start = copy.deepcopy(probe.state_dict())
@@ -81,7 +82,8 @@ def leaks(encoder: SparseEncoder) -> list[str]:
         masked = ~upsample_mask(F.pad(visible, (0, 2)), f.shape[-2:])
         if f.masked_select(masked).abs().max() > 0:
             findings.append(f"scale {i}: masked positions are not zero")
-    return findings
+    finding = find_leak(encoder, randomise=True, seed=2)  # with it: a max or min over positions counting zeros
+    return findings + ([finding] if finding else [])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
