@@ -141,17 +141,18 @@ def find_images(source: Union[str, Path], info: object = None, log: Callable[[st
 
         def build() -> tuple[list[str], None, dict]:
             names, folders, unreadable = _walk_images(source, progress)
-            if unreadable:
-                shown = ", ".join(f"{path} ({why})" for path, why in unreadable[:5])
-                more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
-                log(f"[data] warning: skipping {len(unreadable)} folder(s) of {source} that cannot be read: "
-                    f"{shown}{more}")
-            return _some(names, source, unreadable), None, {"folders": folders}
+            return _some(names, source, unreadable), None, {"folders": folders, "unreadable": unreadable}
 
         def fresh(meta: dict) -> bool:
             return _folders_unchanged(source, meta)
 
-    return ImageIndex(base, shared_index(cache, fresh, build, info, log, reindex), source)
+    index = shared_index(cache, fresh, build, info, log, reindex)
+    unreadable = index.meta.get("unreadable") or []
+    if unreadable:  # said at every start, not only when the index is built
+        shown = ", ".join(f"{path} ({why})" for path, why in unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        log(f"[data] warning: skipping {len(unreadable)} folder(s) of {source} that cannot be read: {shown}{more}")
+    return ImageIndex(base, index, source)
 
 
 def _some(names: list[str], source: Path, unreadable: Sequence[tuple[str, str]] = ()) -> list[str]:

@@ -39,6 +39,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -66,15 +67,16 @@ class NameIndex(Sequence[str]):
         self.folder = folder
         # A shared lock held while this object lives (forked workers share it, spawned ones take
         # their own): a build in use is never removed (IndexCache._remove_old_builds).
-        self._lock = open(folder / "meta.json", "rb")  # noqa: SIM115 - open for the object's lifetime
+        lock = open(folder / "meta.json", "rb")  # noqa: SIM115 - open for the object's lifetime
+        self._release = weakref.finalize(self, lock.close)
         try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_SH)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
         except OSError:  # a file system without flock: the grace period alone protects the build
             pass
         try:
-            self.meta = json.loads(self._lock.read())
+            self.meta = json.loads(lock.read())
         except BaseException:
-            self._lock.close()
+            self._release()
             raise
         # mmap slices are bytes: reading a name creates no GC-tracked object, so a worker's garbage
         # collections stay small (numpy memmap views would be tracked objects)
@@ -90,7 +92,7 @@ class NameIndex(Sequence[str]):
 
     def close(self) -> None:
         """Release the build (its lock); the mapped files stay readable until this object is gone."""
-        self._lock.close()
+        self._release()
 
     def __len__(self) -> int:
         return len(self._offsets) - 1

@@ -306,13 +306,18 @@ def _pack_as_user(world, data, cache):
                           timeout=300, env=env)
 
 
-def test_an_unreadable_subfolder_is_skipped_with_a_warning_and_nothing_readable_is_exit_2(world, pngs):
+def test_an_unreadable_subfolder_is_skipped_with_a_warning_and_nothing_readable_is_exit_2(world, pngs,
+                                                                                           monkeypatch):
     _images_in(world / "data" / "train", pngs, 3)
     _images_in(world / "data" / "lost+found", pngs, 2, mode=0o000)
     proc = _pack_as_user(world, world / "data", world / "cache")
     assert proc.returncode == 0, proc.stderr
     assert "[data] warning: skipping 1 folder(s)" in proc.stdout and "lost+found (Permission denied)" in proc.stdout
     assert json.loads((world / "out" / "sizes.json").read_text()) == {"data-000000.tar": 3}
+    monkeypatch.setenv("SPARK_DET_CACHE", str(world / "cache"))
+    lines, log = logged()
+    assert len(find_images(world / "data", log=log)) == 3  # the index is reused, and the warning said again
+    assert "reusing the index of 3 entries" in lines[0] and "lost+found (Permission denied)" in lines[1]
 
     _images_in(world / "closed" / "lost+found", pngs, 2, mode=0o000)
     proc = _pack_as_user(world, world / "closed", world / "cache")
