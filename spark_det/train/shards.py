@@ -43,6 +43,7 @@ import os
 import re
 import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -203,10 +204,10 @@ def _read_text(url: str) -> str:
         return stream.read().decode("utf-8")
 
 
-def _counts_beside(urls: Sequence[str]) -> tuple[dict[str, int], list[str]]:
-    """The counts files found beside the shards (the first of COUNTS_FILES in each folder)."""
-    counts: dict[str, int] = {}
-    found: list[str] = []
+def _counts_beside(urls: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """Shard name -> (count, counts file) from the counts files found beside the shards (the
+    first of COUNTS_FILES in each folder)."""
+    counts: dict[str, tuple[int, str]] = {}
     folders = {beside(u, ""): u for u in urls}
     for url in folders.values():
         for name in COUNTS_FILES:
@@ -218,29 +219,35 @@ def _counts_beside(urls: Sequence[str]) -> tuple[dict[str, int], list[str]]:
             except Exception:  # noqa: BLE001 - absent or unreadable remote file (curl/pipe exit codes)
                 continue
             try:
-                counts.update(parse_shard_counts(text, where))
+                counts.update((shard, (count, where)) for shard, count in parse_shard_counts(text, where).items())
             except CountsFileError as exc:
                 warnings.warn(f"ignoring {exc}", stacklevel=3)
                 continue
-            found.append(where)
             break
-    return counts, found
+    return counts
+
+
+def _newer(url: str, than: str) -> bool:
+    """Whether local shard ``url`` was written after the local counts file ``than`` (replaced since)."""
+    return _is_local(url) and _is_local(than) and os.stat(url).st_mtime_ns > os.stat(than).st_mtime_ns
 
 
 def shard_counts(urls: Sequence[str], counts_file: Optional[str] = None, log: Any = print,
-                 label: str = "") -> tuple[np.ndarray, dict]:
+                 label: str = "", threads: int = 8) -> tuple[np.ndarray, dict]:
     """The sample count of every shard and where they came from: ``counts_file``, else the counts
-    files beside the shards, else each local shard's tar headers, and only where none of these
-    has a shard, streaming it (with a progress line)."""
+    files beside the shards (a local shard written after its counts file is not taken from it),
+    else each local shard's tar headers, and only where none of these has a shard, streaming it
+    (announced, with a progress line; ``threads`` shards at a time)."""
     if counts_file:
         try:
-            known, sources = parse_shard_counts(_read_text(counts_file), counts_file), [counts_file]
+            text = _read_text(counts_file)
         except OSError as exc:
             raise CountsFileError(f"cannot read the shard counts {counts_file}: {exc.strerror or exc}") from exc
+        known = {shard: (count, counts_file) for shard, count in parse_shard_counts(text, counts_file).items()}
     else:
-        known, sources = _counts_beside(urls)
+        known = _counts_beside(urls)
     names = [shard_name(u) for u in urls]
-    missing = [u for u, n in zip(urls, names) if n not in known]
+    missing = [u for u, n in zip(urls, names) if n not in known or _newer(u, known[n][1])]
     remote = [u for u in missing if not _is_local(u)]
     if remote:
         log(f"[data] counting the samples of {len(remote):,} remote shard(s) of {label} by streaming them: "
@@ -248,12 +255,13 @@ def shard_counts(urls: Sequence[str], counts_file: Optional[str] = None, log: An
             "beside them (spark-det pack-shards writes sizes.json; or pass --shard-counts FILE)")
     progress = Progress(log, label)
     counted: dict[str, int] = {}
-    for i, url in enumerate(missing):
-        counted[url] = count_samples(url)
-        progress.tick(i + 1, "shards counted")
-    counts = np.asarray([counted[u] if u in counted else known[n] for u, n in zip(urls, names)], dtype=np.int64)
-    local_sources = [f for f in sources if _is_local(f)]
-    return counts, {"counts_from": sources, "counts_stamps": [_stamp(f) for f in local_sources],
+    with ThreadPoolExecutor(max(1, min(threads, len(missing)))) as pool:  # I/O-bound: reads and pipes
+        for url, count in zip(missing, pool.map(count_samples, missing)):
+            counted[url] = count
+            progress.tick(len(counted), "shards counted")
+    counts = np.asarray([counted[u] if u in counted else known[n][0] for u, n in zip(urls, names)], dtype=np.int64)
+    sources = sorted({known[n][1] for u, n in zip(urls, names) if u not in counted})
+    return counts, {"counts_from": sources, "counts_stamps": [_stamp(f) for f in sources if _is_local(f)],
                     "counted": len(missing)}
 
 

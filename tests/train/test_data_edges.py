@@ -242,7 +242,14 @@ def test_without_a_counts_file_remote_shards_are_streamed_and_the_log_says_so(re
     lines, log = logged()
     assert list(index_shards(spec, log=log).counts) == [2, 2, 2, 2]
     assert "counting the samples of 4 remote shard(s)" in "\n".join(lines) and "--shard-counts" in "\n".join(lines)
-    assert _shards_fetched(fetched) == [f"train-{i:06d}.tar" for i in range(4)]
+    assert sorted(_shards_fetched(fetched)) == [f"train-{i:06d}.tar" for i in range(4)]  # each once
+
+
+def test_a_local_shard_replaced_after_its_counts_file_is_counted_from_its_headers(remote, pngs):
+    spec, folder, _ = remote
+    time.sleep(0.05)  # file times advance in clock ticks: the replacement is later than sizes.json
+    _shard(folder / "train-000001.tar", pngs, images=3, others=1)
+    assert list(index_shards(str(folder / "train-{000000..000003}.tar"), log=quiet).counts) == [2, 3, 2, 2]
 
 
 def test_a_shard_counts_file_that_cannot_be_read_is_one_line_exit_1(remote, tmp_path):
@@ -323,6 +330,21 @@ def test_an_unreadable_subfolder_is_skipped_with_a_warning_and_nothing_readable_
     proc = _pack_as_user(world, world / "closed", world / "cache")
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "no images found" in proc.stderr and "lost+found (Permission denied)" in proc.stderr
+
+
+def test_an_index_cache_that_cannot_be_created_is_replaced_by_a_private_folder(tmp_path, pngs, monkeypatch):
+    _images_in(tmp_path / "data", pngs, 3)
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("SPARK_DET_CACHE", str(tmp_path / "file" / "cache"))  # refused for every user (ENOTDIR)
+    lines, log = logged()
+    index = find_images(tmp_path / "data", log=log)
+    assert len(index) == 3 and sum("warning" in line for line in lines) == 1
+    assert "cannot write the index cache" in lines[1] and index.names.folder.exists()
+    # a rank that receives the index from rank 0 stores it in a private folder the same way
+    sent = {name: (index.names.folder / name).read_bytes() for name in ("meta.json", "names.bin", "offsets.npy")}
+    received = IndexCache("folder", "elsewhere", root=tmp_path / "file" / "cache").receive(index.names.folder.name,
+                                                                                          sent)
+    assert list(received) == list(index.names) and received.folder.exists()
 
 
 def test_a_cache_folder_that_cannot_be_written_falls_back_to_a_private_one(world, pngs):
