@@ -244,8 +244,10 @@ def _remove_unless_in_use(build: Path) -> None:
     """Remove a build folder unless a process maps it (holds the shared lock on its meta.json)."""
     try:
         fd = os.open(build / "meta.json", os.O_RDONLY)
-    except OSError:  # an incomplete build: nobody can map it
+    except FileNotFoundError:  # an incomplete build: nobody can map it
         shutil.rmtree(build, ignore_errors=True)
+        return
+    except OSError:  # e.g. another user's build: not ours to judge
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
