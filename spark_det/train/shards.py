@@ -523,7 +523,7 @@ def owned_shards(prefix: str) -> list[str]:
     return sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if mine.fullmatch(n))
 
 
-def _update_sizes_json(folder: str, counts: dict[str, int], removed: Sequence[str], log: Any) -> None:
+def _update_sizes_json(folder: str, counts: dict[str, int], removed: Sequence[str], mode: int, log: Any) -> None:
     """Record a packing's shard counts in the folder's ``sizes.json`` (OpenCLIP's format, read by
     :func:`shard_counts`), keeping the entries of every other packing there."""
     from ..io import write_atomic
@@ -548,6 +548,7 @@ def _update_sizes_json(folder: str, counts: dict[str, int], removed: Sequence[st
         sizes.update(counts)
         text = json.dumps(dict(sorted(sizes.items())), indent=1) + "\n"
         write_atomic(path, lambda f: f.write(text.encode()))
+        os.chmod(path, mode)  # readable wherever the shards are
     finally:
         os.close(fd)
 
@@ -614,7 +615,7 @@ def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool 
     if packed != len(images) - len(left_out):
         raise DataError(f"the shards hold {packed} samples, {len(images) - len(left_out)} were written: "
                         "is the disk failing?")
-    _update_sizes_json(folder, counts, stale, log)
+    _update_sizes_json(folder, counts, stale, 0o666 & ~umask, log)
     for line in left_out[:10]:
         log(f"[pack-shards] left out {line}")
     log(f"[pack-shards] {packed:,} images in {len(written)} shard(s) of up to {shard_size}"

@@ -67,6 +67,7 @@ def test_overwrite_replaces_only_the_packings_own_shards(tmp_path, pngs, capsys)
                           "--shard-size", "4", "--overwrite"]) == 0
     assert sorted(p.name for p in shards.glob("coco-*.tar")) == ["coco-000000.tar", *sorted(extra)]
     assert {name: (shards / name).read_bytes() for name in extra} == extra  # untouched
+    assert (shards / "sizes.json").stat().st_mode == (shards / "coco-000000.tar").stat().st_mode  # not private
     sizes = json.loads((shards / "sizes.json").read_text())
     assert sizes == {"coco-000000.tar": 4, "coco-extra-000000.tar": 2, "coco-extra-000001.tar": 2,
                      "coco-extra-000002.tar": 2}
