@@ -220,7 +220,7 @@ def test_remote_shards_are_counted_from_sizes_json_beside_them_without_streaming
 
 def test_a_wids_index_beside_the_shards_or_given_as_shard_counts_is_read(remote, tmp_path):
     spec, folder, fetched = remote
-    (folder / "sizes.json").unlink()
+    (folder / "sizes.json").unlink(missing_ok=True)
     wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "train",
             "shardlist": [{"url": f"train-{i:06d}.tar", "nsamples": 2, "filesize": 1, "md5sum": "0"}
                           for i in range(4)]}
@@ -238,7 +238,7 @@ def test_a_wids_index_beside_the_shards_or_given_as_shard_counts_is_read(remote,
 
 def test_without_a_counts_file_remote_shards_are_streamed_and_the_log_says_so(remote):
     spec, folder, fetched = remote
-    (folder / "sizes.json").unlink()
+    (folder / "sizes.json").unlink(missing_ok=True)
     lines, log = logged()
     assert list(index_shards(spec, log=log).counts) == [2, 2, 2, 2]
     assert "counting the samples of 4 remote shard(s)" in "\n".join(lines) and "--shard-counts" in "\n".join(lines)
