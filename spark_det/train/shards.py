@@ -205,13 +205,15 @@ def _read_text(url: str) -> str:
 
 
 def _counts_beside(urls: Sequence[str]) -> dict[str, tuple[int, str]]:
-    """Shard name -> (count, counts file) from the counts files found beside the shards (the
-    first of COUNTS_FILES in each folder)."""
+    """Shard URL -> (count, counts file) from the counts files found beside the shards (in each
+    folder the first of COUNTS_FILES; a file speaks only for the shards of its own folder)."""
+    folders: dict[Optional[str], list[str]] = {}
+    for url in urls:
+        folders.setdefault(beside(url, ""), []).append(url)
     counts: dict[str, tuple[int, str]] = {}
-    folders = {beside(u, ""): u for u in urls}
-    for url in folders.values():
-        for name in COUNTS_FILES:
-            where = beside(url, name)
+    for folder, members in folders.items():
+        for name in COUNTS_FILES if folder is not None else ():
+            where = beside(members[0], name)
             if where is None or (_is_local(where) and not os.path.isfile(where)):
                 continue
             try:
@@ -219,10 +221,11 @@ def _counts_beside(urls: Sequence[str]) -> dict[str, tuple[int, str]]:
             except Exception:  # noqa: BLE001 - absent or unreadable remote file (curl/pipe exit codes)
                 continue
             try:
-                counts.update((shard, (count, where)) for shard, count in parse_shard_counts(text, where).items())
+                listed = parse_shard_counts(text, where)
             except CountsFileError as exc:
                 warnings.warn(f"ignoring {exc}", stacklevel=3)
                 continue
+            counts.update((u, (listed[n], where)) for u in members for n in [shard_name(u)] if n in listed)
             break
     return counts
 
@@ -243,11 +246,11 @@ def shard_counts(urls: Sequence[str], counts_file: Optional[str] = None, log: An
             text = _read_text(counts_file)
         except OSError as exc:
             raise CountsFileError(f"cannot read the shard counts {counts_file}: {exc.strerror or exc}") from exc
-        known = {shard: (count, counts_file) for shard, count in parse_shard_counts(text, counts_file).items()}
+        listed = parse_shard_counts(text, counts_file)
+        known = {u: (listed[n], counts_file) for u in urls for n in [shard_name(u)] if n in listed}
     else:
         known = _counts_beside(urls)
-    names = [shard_name(u) for u in urls]
-    missing = [u for u, n in zip(urls, names) if n not in known or _newer(u, known[n][1])]
+    missing = [u for u in urls if u not in known or _newer(u, known[u][1])]
     remote = [u for u in missing if not _is_local(u)]
     if remote:
         log(f"[data] counting the samples of {len(remote):,} remote shard(s) of {label} by streaming them: "
@@ -259,8 +262,8 @@ def shard_counts(urls: Sequence[str], counts_file: Optional[str] = None, log: An
         for url, count in zip(missing, pool.map(count_samples, missing)):
             counted[url] = count
             progress.tick(len(counted), "shards counted")
-    counts = np.asarray([counted[u] if u in counted else known[n][0] for u, n in zip(urls, names)], dtype=np.int64)
-    sources = sorted({known[n][1] for u, n in zip(urls, names) if u not in counted})
+    counts = np.asarray([counted[u] if u in counted else known[u][0] for u in urls], dtype=np.int64)
+    sources = sorted({known[u][1] for u in urls if u not in counted})
     return counts, {"counts_from": sources, "counts_stamps": [_stamp(f) for f in sources if _is_local(f)],
                     "counted": len(missing)}
 

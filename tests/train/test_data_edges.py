@@ -245,6 +245,16 @@ def test_without_a_counts_file_remote_shards_are_streamed_and_the_log_says_so(re
     assert sorted(_shards_fetched(fetched)) == [f"train-{i:06d}.tar" for i in range(4)]  # each once
 
 
+def test_each_folders_counts_file_speaks_for_its_own_shards(tmp_path, pngs):
+    for name, count, size in (("a", 8, 4), ("b", 4, 2)):  # the same shard names, other counts
+        (tmp_path / name).mkdir()
+        for png in list(pngs)[:count]:
+            (tmp_path / name / png).write_bytes(pngs[png])
+        pack_shards(str(tmp_path / name), str(tmp_path / "shards" / name / "train"), shard_size=size, log=quiet)
+    spec = "::".join(str(tmp_path / "shards" / name / "train-{000000..000001}.tar") for name in "ab")
+    assert list(index_shards(spec, log=quiet).counts) == [4, 4, 2, 2]
+
+
 def test_a_local_shard_replaced_after_its_counts_file_is_counted_from_its_headers(remote, pngs):
     spec, folder, _ = remote
     time.sleep(0.05)  # file times advance in clock ticks: the replacement is later than sizes.json
