@@ -4,8 +4,9 @@
     spark-det pretrain --recipe pretrain/resnet50.yaml --data '/data/shards/imagenet-{000000..001281}.tar' ...
 
 Writes <output>-000000.tar, <output>-000001.tar, ... (the file bytes unchanged, keyed by the
-folder index, so the shards train exactly like the folder), reads them back to check them, and
-prints the --data pattern to train with. Copy the shards to object storage and stream them with
+folder index, so the shards train exactly like the folder), reads them back to check them, records
+their sample counts in sizes.json beside them (so training never has to count them), and prints
+the --data pattern to train with. Copy the shards to object storage and stream them with
 --data 'pipe:aws s3 cp s3://bucket/imagenet-{000000..001281}.tar -'.
 """
 
@@ -23,7 +24,8 @@ def build_parser():
     p.add_argument("--data", required=True, help="folder of images (searched recursively) or a text file of paths")
     add_output(p, "shard prefix: writes PREFIX-000000.tar, PREFIX-000001.tar, ...")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already written under the prefix")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards this prefix wrote before (PREFIX-NNNNNN.tar only)")
     return p
 
 

@@ -30,6 +30,9 @@ def build_parser():
                         "('shards/train-{000000..000127}.tar', pipe: or http(s) URLs)")
     p.add_argument("--reindex", action="store_true",
                    help="rebuild the data's cached index (normally rebuilt only when the source changed)")
+    p.add_argument("--shard-counts", default=None, metavar="FILE",
+                   help="the shards' sample counts: OpenCLIP's sizes.json or a webdataset wids index (default: "
+                        "sizes.json or shardindex.json beside the shards, else counted from the shards)")
     add_output(p, "run directory")
     p.add_argument("--resume", default=None,
                    help="'auto' (checkpoint-last.pth in --output, if any) or a checkpoint path")
@@ -49,7 +52,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cfg = load_config(args.recipe, args.overrides)
     try:
         Pretrainer(cfg, args.data, args.output, resume=args.resume, init_weights=args.init_weights,
-                   device=args.device, reindex=args.reindex).run()
+                   device=args.device, reindex=args.reindex, shard_counts=args.shard_counts).run()
     finally:
         cleanup()
     return EXIT_OK

@@ -42,42 +42,66 @@ class ImageIndex(Sequence[Path]):
         return self.root / self.names[i]
 
 
-def _walk_images(root: Path, progress: Progress) -> tuple[list[str], list[list]]:
-    """Image files under ``root`` (relative names, sorted as path parts) and every folder walked
-    with its mtime (the fingerprint). os.scandir reads file types from the directory itself, so
-    unlike ``Path.rglob`` + ``is_file`` it costs no stat per file; symlinked folders are followed
-    once each."""
+def _folder_stamp(path: str) -> Optional[list[int]]:
+    """What a folder's entry in the fingerprint holds: its mtime and ctime (None if it cannot be
+    stat-ed). Extracting an archive over a folder, ``rsync -a`` and ``git archive`` set the mtime
+    back; setting it changes the ctime, which no tool can set back (only the clock does)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    try:  # an entry whose type needs a stat that fails (permissions, a vanished file) is neither
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError:
+        return False
+
+
+def _walk_images(root: Path, progress: Progress) -> tuple[list[str], list[list], list[tuple[str, str]]]:
+    """Image files under ``root`` (relative names, sorted as path parts), every folder walked with
+    its stamp (the fingerprint), and the folders that could not be read with the reason.
+
+    os.scandir reads file types from the directory itself, so unlike ``Path.rglob`` + ``is_file``
+    it costs no stat per file; symlinked folders are followed once each. A folder that cannot be
+    listed (``lost+found``, no read permission) is skipped, and stays in the fingerprint, so the
+    index is rebuilt once its permissions change (a chmod changes its ctime)."""
     names: list[str] = []
     folders: list[list] = []
+    unreadable: list[tuple[str, str]] = []
     seen: set[tuple[int, int]] = set()
     pending = [""]
     while pending:
         rel = pending.pop()
         folder = os.path.join(root, rel) if rel else str(root)
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        folders.append([rel, st.st_mtime_ns])
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                name = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.is_dir():
-                    pending.append(name)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    names.append(name)
-                    if len(names) % 8192 == 0:
-                        progress.tick(len(names), "images")
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            folders.append([rel, [st.st_mtime_ns, st.st_ctime_ns]])
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    name = f"{rel}/{entry.name}" if rel else entry.name
+                    if _is(entry, "dir"):
+                        pending.append(name)
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and _is(entry, "file"):
+                        names.append(name)
+                        if len(names) % 8192 == 0:
+                            progress.tick(len(names), "images")
+        except OSError as exc:
+            unreadable.append((folder, exc.strerror or str(exc)))
+            if not folders or folders[-1][0] != rel:
+                folders.append([rel, _folder_stamp(folder)])
     names.sort(key=lambda n: n.replace("/", "\0"))  # the order of sorted(Path) objects: by path parts
-    return names, folders
+    return names, folders, unreadable
 
 
 def _folders_unchanged(root: Path, meta: dict) -> bool:
-    try:
-        return all(os.stat(os.path.join(root, rel) if rel else root).st_mtime_ns == mtime
-                   for rel, mtime in meta["folders"])
-    except OSError:
-        return False
+    return all(_folder_stamp(os.path.join(root, rel) if rel else str(root)) == stamp
+               for rel, stamp in meta["folders"])
 
 
 def _file_stamp(path: Path) -> list[int]:
@@ -116,20 +140,28 @@ def find_images(source: Union[str, Path], info: object = None, log: Callable[[st
         cache = IndexCache("folder", str(source))
 
         def build() -> tuple[list[str], None, dict]:
-            names, folders = _walk_images(source, progress)
-            return _some(names, source), None, {"folders": folders}
+            names, folders, unreadable = _walk_images(source, progress)
+            return _some(names, source, unreadable), None, {"folders": folders, "unreadable": unreadable}
 
         def fresh(meta: dict) -> bool:
             return _folders_unchanged(source, meta)
 
-    return ImageIndex(base, shared_index(cache, fresh, build, info, log, reindex), source)
+    index = shared_index(cache, fresh, build, info, log, reindex)
+    unreadable = index.meta.get("unreadable") or []
+    if unreadable:  # said at every start, not only when the index is built
+        shown = ", ".join(f"{path} ({why})" for path, why in unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        log(f"[data] warning: skipping {len(unreadable)} folder(s) of {source} that cannot be read: {shown}{more}")
+    return ImageIndex(base, index, source)
 
 
-def _some(names: list[str], source: Path) -> list[str]:
+def _some(names: list[str], source: Path, unreadable: Sequence[tuple[str, str]] = ()) -> list[str]:
     if not names:
+        skipped = f"; {len(unreadable)} folder(s) could not be read, e.g. {unreadable[0][0]} ({unreadable[0][1]})" \
+            if unreadable else ""
         raise DataError(
             f"no images found in {source} (looked for {', '.join(IMAGE_EXTENSIONS)} recursively, "
-            "or a text file listing image paths)"
+            f"or a text file listing image paths){skipped}"
         )
     return names
 
@@ -297,9 +329,13 @@ class FolderSource:
 
 def open_source(data: Union[str, Path], input_size: Sequence[int], seed: int, per_rank_batch: int,
                 num_workers: int, info: Any, log: Callable[[str], None] = print,
-                reindex: bool = False) -> Union[FolderSource, Any]:
-    """The data source ``--data`` names: WebDataset shards (a pattern or URL), a folder or a path list."""
+                reindex: bool = False, shard_counts: Optional[str] = None) -> Union[FolderSource, Any]:
+    """The data source ``--data`` names: WebDataset shards (a pattern or URL), a folder or a path
+    list; ``shard_counts`` is a file of the shards' sample counts (sizes.json or a wids index)."""
     from .shards import ShardSource, is_shard_source
 
-    kind = ShardSource if is_shard_source(data) else FolderSource
-    return kind(str(data), input_size, seed, per_rank_batch, num_workers, info, log, reindex)
+    if is_shard_source(data):
+        return ShardSource(str(data), input_size, seed, per_rank_batch, num_workers, info, log, reindex, shard_counts)
+    if shard_counts:
+        raise DataError(f"--shard-counts applies to WebDataset shards, and --data {data} is a folder or path list")
+    return FolderSource(str(data), input_size, seed, per_rank_batch, num_workers, info, log, reindex)

@@ -12,21 +12,34 @@ Where: ``$SPARK_DET_CACHE/data-index`` (default ``~/.cache/spark-det/data-index`
 per source (keyed by its absolute path), one subfolder per build; ``current`` names the live one.
 
 When it is rebuilt (the *fingerprint* rule): a folder's index is reused while every folder it
-walked has the same modification time (adding, removing or renaming a file or subfolder changes
-its parent's mtime; editing a file's contents does not, and need not: only names are indexed);
-a path list's while the list file has the same size and mtime; a shard set's while every local
-shard has the same size and mtime (remote shards are trusted). ``--reindex`` forces a rebuild.
+walked has the same modification *and* status-change time (adding, removing or renaming an entry
+changes its parent's mtime and ctime; tar, ``rsync -a`` and ``git archive`` extractions set the
+mtime back afterwards, but setting it changes the ctime, which no tool can set back; editing a
+file's contents changes neither, and need not: only names are indexed); a path list's while the
+list file has the same size and mtime; a shard set's while every local shard (and the counts file
+its counts came from) has the same size and mtime (remote shards are trusted). ``--reindex``
+forces a rebuild.
+
+Superseded builds: every process that maps a build holds a shared ``flock`` on its ``meta.json``
+(spawned data workers take their own), and a build is removed only when no process holds it and
+a day has passed since it was *replaced*. A cache folder that cannot be written (a read-only
+``$SPARK_DET_CACHE``) is not an error: the run keeps its index in a private temporary folder,
+removed when the process exits.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import hashlib
 import json
 import mmap
 import os
 import shutil
+import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -35,6 +48,8 @@ import numpy as np
 from ..io import write_atomic
 
 INDEX_VERSION = 1
+BUILD_FILES = ("meta.json", "names.bin", "offsets.npy", "counts.npy")
+SUPERSEDED = "superseded"  # a file in a replaced build; its mtime is when the build was replaced
 Log = Callable[[str], None]
 
 
@@ -50,7 +65,19 @@ class NameIndex(Sequence[str]):
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.meta = json.loads((folder / "meta.json").read_text())
+        # A shared lock held while this object lives (forked workers share it, spawned ones take
+        # their own): a build in use is never removed (IndexCache._remove_old_builds).
+        lock = open(folder / "meta.json", "rb")  # noqa: SIM115 - open for the object's lifetime
+        self._release = weakref.finalize(self, lock.close)
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
+        except OSError:  # a file system without flock: the grace period alone protects the build
+            pass
+        try:
+            self.meta = json.loads(lock.read())
+        except BaseException:
+            self._release()
+            raise
         # mmap slices are bytes: reading a name creates no GC-tracked object, so a worker's garbage
         # collections stay small (numpy memmap views would be tracked objects)
         self._names: Any = b""
@@ -61,7 +88,11 @@ class NameIndex(Sequence[str]):
         self.counts = np.load(folder / "counts.npy", mmap_mode="r") if (folder / "counts.npy").exists() else None
 
     def __reduce__(self) -> tuple:
-        return NameIndex, (self.folder,)  # a spawned worker maps the files itself
+        return NameIndex, (self.folder,)  # a spawned worker maps the files (and takes the lock) itself
+
+    def close(self) -> None:
+        """Release the build (its lock); the mapped files stay readable until this object is gone."""
+        self._release()
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -122,7 +153,7 @@ class IndexCache:
     def write(self, names: bytes, offsets: np.ndarray, counts: Optional[np.ndarray], meta: dict[str, Any],
               build: Optional[str] = None) -> str:
         """Write a build (into a temporary folder, renamed into place) and make it current; builds
-        it supersedes are removed after a day."""
+        it supersedes are removed once unused and replaced a day ago (see the module docstring)."""
         build = build or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.folder / f".{build}.{uuid.uuid4().hex[:8]}.tmp"
@@ -147,41 +178,87 @@ class IndexCache:
         return build
 
     def _remove_old_builds(self, keep: str, grace_s: float = 86400.0) -> None:
-        # A run started before the rebuild may still open its build (data workers of a new epoch
-        # under the spawn start method map it by name), so superseded builds stay for a day.
+        # A run started before the rebuild still maps its build, and its spawned data workers open
+        # it by name at each epoch: a build is removed only when no process holds its lock, and a
+        # day after it was replaced (the lock's back-up where flock does not work).
         now = time.time()
         for old in self.folder.iterdir():
-            if old.is_dir() and old.name != keep and not old.name.startswith("."):
+            if not old.is_dir() or old.name == keep or old.name.startswith("."):
+                continue
+            try:
+                replaced = (old / SUPERSEDED).stat().st_mtime
+            except OSError:
                 try:
-                    stale = now - (old / "meta.json").stat().st_mtime > grace_s
+                    (old / SUPERSEDED).touch()  # replaced now: the day starts counting
                 except OSError:
-                    stale = True
-                if stale:
-                    shutil.rmtree(old, ignore_errors=True)
+                    pass
+                continue
+            if now - replaced > grace_s:
+                _remove_unless_in_use(old)
 
     def files(self, build: str) -> dict[str, bytes]:
         """A build's files, to send to a rank whose node cannot see this cache."""
         folder = self.folder / build
-        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        return {name: (folder / name).read_bytes() for name in BUILD_FILES if (folder / name).is_file()}
+
+    def use_private_folder(self) -> Path:
+        """Keep this source's index in a new private temporary folder (removed at exit), for a
+        cache root that cannot be written; returns the root that could not be written."""
+        unwritable = self.folder.parent
+        private = Path(tempfile.mkdtemp(prefix="spark-det-index-"))
+        atexit.register(shutil.rmtree, private, True)
+        self.folder = private / self.folder.name
+        return unwritable
 
     def receive(self, build: str, files: dict[str, bytes]) -> NameIndex:
         """Store a build received from rank 0 in this node's cache and open it."""
         meta = json.loads(files["meta.json"])
-        folder = self.folder / build
         if self.open(build, meta["digest"]) is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            staging = self.folder / f".{build}.{uuid.uuid4().hex[:8]}.tmp"
-            staging.mkdir()
+            try:
+                self._store(build, files)
+            except OSError:  # this node's cache cannot be written: a private folder, like rank 0's
+                self.use_private_folder()
+                self._store(build, files)
+        index = self.open(build, meta["digest"])
+        assert index is not None, self.folder / build
+        return index
+
+    def _store(self, build: str, files: dict[str, bytes]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = self.folder / f".{build}.{uuid.uuid4().hex[:8]}.tmp"
+        staging.mkdir()
+        try:
             for name, data in files.items():
                 (staging / name).write_bytes(data)
             try:
-                os.rename(staging, folder)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)
-            write_atomic(self.folder / "current", lambda f: f.write(build.encode()))
-        index = self.open(build, meta["digest"])
-        assert index is not None, folder
-        return index
+                os.rename(staging, self.folder / build)
+            except OSError:  # another rank of this node stored it first
+                if not (self.folder / build).is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        write_atomic(self.folder / "current", lambda f: f.write(build.encode()))
+
+
+def _remove_unless_in_use(build: Path) -> None:
+    """Remove a build folder unless a process maps it (holds the shared lock on its meta.json)."""
+    try:
+        fd = os.open(build / "meta.json", os.O_RDONLY)
+    except FileNotFoundError:  # an incomplete build: nobody can map it
+        shutil.rmtree(build, ignore_errors=True)
+        return
+    except OSError:  # e.g. another user's build: not ours to judge
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # in use
+    except OSError:
+        pass  # no flock on this file system: the grace period decides
+    try:
+        shutil.rmtree(build, ignore_errors=True)  # holding the lock: a reader waits, then finds it gone
+    finally:
+        os.close(fd)
 
 
 def encode_names(names: Sequence[str]) -> tuple[bytes, np.ndarray]:
@@ -234,7 +311,14 @@ def shared_index(cache: IndexCache, is_fresh: Callable[[dict], bool],
         meta = {**meta, "entries": len(names), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "built_by": f"pid {os.getpid()} on {os.uname().nodename}",
                 "build_s": round(time.perf_counter() - started, 2)}
-        build_id = cache.write(data, offsets, counts, meta)
+        try:
+            build_id = cache.write(data, offsets, counts, meta)
+        except OSError as exc:  # the index is a cache: a read-only one must not stop the run
+            unwritable = cache.use_private_folder()
+            log(f"[data] warning: cannot write the index cache {unwritable} ({exc.strerror or exc}); this run "
+                f"keeps its index in {cache.folder} (removed at exit; set SPARK_DET_CACHE to a writable folder "
+                "to reuse it)")
+            build_id = cache.write(data, offsets, counts, meta)
         log(f"[data] {cache.label}: indexed {len(names):,} entries in {meta['build_s']:.1f} s ({cache.folder})")
         built = cache.open(build_id)
         assert built is not None

@@ -103,11 +103,12 @@ class Pretrainer:
         device: 'auto', 'cpu' or 'cuda'.
         log: where the main rank's messages go (``print`` by default).
         reindex: rebuild the data source's cached index (:mod:`.index`) even if it looks fresh.
+        shard_counts: a file of the shards' sample counts (OpenCLIP's sizes.json or a wids index).
     """
 
     def __init__(self, config: dict[str, Any], data: PathLike, output: PathLike, resume: Optional[str] = None,
                  init_weights: Optional[PathLike] = None, device: str = "auto",
-                 log: Callable[[str], None] = print, reindex: bool = False) -> None:
+                 log: Callable[[str], None] = print, reindex: bool = False, shard_counts: Optional[str] = None) -> None:
         self.cfg, self.data, self.output = config, data, Path(output)
         self.dist = init_distributed(device, config["dist_timeout_s"])
         self.device = self.dist.device
@@ -118,7 +119,7 @@ class Pretrainer:
                               f"{world} x {cfg['accum_steps']}")
         self.per_rank_batch = cfg["batch_size"] // world
         self.source = open_source(data, cfg["input_size"], cfg["seed"], self.per_rank_batch, cfg["num_workers"],
-                                  self.dist, self.log, reindex)
+                                  self.dist, self.log, reindex, shard_counts)
         self.source.require_readable()
         require_same_on_every_rank({"config": {k: v for k, v in cfg.items() if k != "num_workers"},
                                     "data": self.source.identity()}, self.dist)

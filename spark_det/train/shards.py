@@ -10,9 +10,14 @@ its 63-bit hash.
 
 How an epoch is read (a pure function of seed, epoch, process count and ``num_workers``):
 
+- A shard's sample count is the number of its samples with an image member (what the stream
+  yields), read from a counts file when there is one (``--shard-counts FILE``, else OpenCLIP's
+  ``sizes.json`` or webdataset's wids index ``shardindex.json`` beside the shards; ``pack-shards``
+  writes ``sizes.json``), else from a local shard's tar headers, else by streaming the shard.
 - An epoch is ``total samples // global batch`` iterations, like a folder's.
-- The shards are shuffled per epoch and dealt to the ``ranks x workers`` data workers, each
-  next shard to the worker with the fewest samples so far; every worker reads whole shards.
+- The shards holding samples are shuffled per epoch and dealt to the ``ranks x workers`` data
+  workers, each next shard to the worker with the fewest samples so far; every worker reads
+  whole shards. Empty shards are left out.
 - DataLoader takes batches from its workers round robin, so batch ``j`` of a rank comes from
   worker ``j % workers``; each worker produces exactly its share of the epoch's batches. When
   shard sizes are equal (pack-shards makes them so) every sample is read at most once per
@@ -29,19 +34,23 @@ skipped in that epoch); from the next epoch on the stream is exact for the new l
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import heapq
 import io
+import json
 import os
+import re
 import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..errors import DataError
+from ..errors import EXIT_BAD_FILE, DataError
 from .data import IMAGE_EXTENSIONS, UNREADABLE, collate, load_rgb, one_line_errors, pretrain_transform
 from .index import IndexCache, NameIndex, Progress, shared_index
 from .sampler import sample_seed
@@ -49,6 +58,16 @@ from .sampler import sample_seed
 IMAGE_MEMBERS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 Position = tuple[int, int]  # (place in the worker's shard list, next member of that shard)
+# Files beside shards that hold their sample counts: OpenCLIP's {"name.tar": count} (which
+# pack-shards writes too) and webdataset's wids index (the name `widsindex create` writes).
+COUNTS_FILES = ("sizes.json", "shardindex.json")
+SHARD_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$")
+
+
+class CountsFileError(DataError):
+    """A shard-counts file (``--shard-counts``) that is missing, unreadable or of another layout."""
+
+    exit_code = EXIT_BAD_FILE
 
 
 def is_shard_source(data: object) -> bool:
@@ -99,26 +118,28 @@ def _member_key(name: str) -> Optional[str]:
 
 
 def count_samples(url: str) -> int:
-    """How many samples (runs of members with the same key) a shard holds. A local tar is read
-    header by header (tarfile seeks over the contents); a remote one is streamed once."""
+    """How many samples with an image member (those the stream yields) a shard holds. A local tar
+    is read header by header (tarfile seeks over the contents); a remote one is streamed once."""
     try:
         if _is_local(url):
             with tarfile.open(url, mode="r:*") as tar:
-                names = (m.name for m in tar if m.isreg())
-                return _count_keys(names)
+                return _count_image_samples(m.name for m in tar if m.isreg())
         from webdataset.gopen import gopen
 
         with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            return _count_keys(m.name for m in tar if m.isreg())
+            return _count_image_samples(m.name for m in tar if m.isreg())
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise DataError(f"cannot read shard {url}: {exc}") from exc
 
 
-def _count_keys(names: Iterator[str]) -> int:
+def _count_image_samples(names: Iterator[str]) -> int:
+    # as read_samples groups them: image members only, a new sample wherever the key changes
     count, last = 0, None
     for name in names:
+        if os.path.basename(name).startswith("__") or name.rsplit(".", 1)[-1].lower() not in IMAGE_MEMBERS:
+            continue
         key = _member_key(name)
-        if key is not None and key != last and not os.path.basename(name).startswith("__"):
+        if key is not None and key != last:
             count, last = count + 1, key
     return count
 
@@ -128,32 +149,152 @@ def _stamp(url: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def index_shards(spec: str, info: Any = None, log: Any = print, reindex: bool = False) -> NameIndex:
-    """The shard URLs of ``spec`` with their sample counts (``.counts``), from the cached index
-    (counted once by rank 0; local shards recounted when one's size or mtime changes)."""
+def shard_name(url: str) -> str:
+    """The file name a shard goes by in a counts file: its basename (of the path a ``pipe:``
+    command reads: its last word ending in .tar)."""
+    if url.startswith("pipe:"):
+        words = [w.strip("'\"") for w in url[5:].split()]
+        url = next((w for w in reversed(words) if SHARD_SUFFIX.search(w.split("?")[0])), url)
+    return os.path.basename(url.split("?")[0].rstrip("/"))
+
+
+def beside(url: str, name: str) -> Optional[str]:
+    """The URL of the file ``name`` in the same folder (or bucket prefix) as shard ``url``."""
+    if _is_local(url):
+        return os.path.join(os.path.dirname(url), name)
+    base = shard_name(url)
+    if url.startswith("pipe:"):  # the same command, reading the other file
+        at = url.rfind(base)
+        return url[:at] + name + url[at + len(base):] if base and at >= 0 else None
+    return url.split("?")[0].rsplit("/", 1)[0] + "/" + name
+
+
+def parse_shard_counts(text: str, where: str) -> dict[str, int]:
+    """Shard name -> sample count from OpenCLIP's ``sizes.json`` (``{"name.tar": count}``) or a
+    webdataset wids index (``{"__kind__": "wids-shard-index-v1", "shardlist": [{"url", "nsamples"}]}``)."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise CountsFileError(f"{where} is not JSON ({exc})") from None
+    if isinstance(data, dict) and "shardlist" in data:
+        entries = data["shardlist"]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "url" in e and "nsamples" in e
+                                                    for e in entries):
+            raise CountsFileError(f"{where}: a wids index's shardlist must be a list of {{'url', 'nsamples'}}")
+        pairs = [(shard_name(str(e["url"])), e["nsamples"]) for e in entries]
+    elif isinstance(data, dict):
+        pairs = [(os.path.basename(str(k)), v) for k, v in data.items()]
+    else:
+        raise CountsFileError(f"{where} is neither a sizes.json ({{\"shard.tar\": count}}) nor a wids index")
+    counts: dict[str, int] = {}
+    for name, value in pairs:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+            raise CountsFileError(f"{where}: the count of {name} is {value!r}, not a number of samples")
+        counts[name] = int(value)
+    return counts
+
+
+def _read_text(url: str) -> str:
+    if _is_local(url):
+        with open(url, encoding="utf-8") as f:
+            return f.read()
+    from webdataset.gopen import gopen
+
+    with gopen(url, "rb") as stream:
+        return stream.read().decode("utf-8")
+
+
+def _counts_beside(urls: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """Shard URL -> (count, counts file) from the counts files found beside the shards (in each
+    folder the first of COUNTS_FILES; a file speaks only for the shards of its own folder)."""
+    folders: dict[Optional[str], list[str]] = {}
+    for url in urls:
+        folders.setdefault(beside(url, ""), []).append(url)
+    counts: dict[str, tuple[int, str]] = {}
+    for folder, members in folders.items():
+        for name in COUNTS_FILES if folder is not None else ():
+            where = beside(members[0], name)
+            if where is None or (_is_local(where) and not os.path.isfile(where)):
+                continue
+            try:
+                text = _read_text(where)
+            except Exception:  # noqa: BLE001 - absent or unreadable remote file (curl/pipe exit codes)
+                continue
+            try:
+                listed = parse_shard_counts(text, where)
+            except CountsFileError as exc:
+                warnings.warn(f"ignoring {exc}", stacklevel=3)
+                continue
+            counts.update((u, (listed[n], where)) for u in members for n in [shard_name(u)] if n in listed)
+            break
+    return counts
+
+
+def _newer(url: str, than: str) -> bool:
+    """Whether local shard ``url`` was written after the local counts file ``than`` (replaced since)."""
+    return _is_local(url) and _is_local(than) and os.stat(url).st_mtime_ns > os.stat(than).st_mtime_ns
+
+
+def shard_counts(urls: Sequence[str], counts_file: Optional[str] = None, log: Any = print,
+                 label: str = "", threads: int = 8) -> tuple[np.ndarray, dict]:
+    """The sample count of every shard and where they came from: ``counts_file``, else the counts
+    files beside the shards (a local shard written after its counts file is not taken from it),
+    else each local shard's tar headers, and only where none of these has a shard, streaming it
+    (announced, with a progress line; ``threads`` shards at a time)."""
+    if counts_file:
+        try:
+            text = _read_text(counts_file)
+        except OSError as exc:
+            raise CountsFileError(f"cannot read the shard counts {counts_file}: {exc.strerror or exc}") from exc
+        listed = parse_shard_counts(text, counts_file)
+        known = {u: (listed[n], counts_file) for u in urls for n in [shard_name(u)] if n in listed}
+    else:
+        known = _counts_beside(urls)
+    missing = [u for u in urls if u not in known or _newer(u, known[u][1])]
+    remote = [u for u in missing if not _is_local(u)]
+    if remote:
+        log(f"[data] counting the samples of {len(remote):,} remote shard(s) of {label} by streaming them: "
+            f"{'no count for them in ' + counts_file if counts_file else 'no ' + ' or '.join(COUNTS_FILES)} "
+            "beside them (spark-det pack-shards writes sizes.json; or pass --shard-counts FILE)")
+    progress = Progress(log, label)
+    counted: dict[str, int] = {}
+    with ThreadPoolExecutor(max(1, min(threads, len(missing)))) as pool:  # I/O-bound: reads and pipes
+        for url, count in zip(missing, pool.map(count_samples, missing)):
+            counted[url] = count
+            progress.tick(len(counted), "shards counted")
+    counts = np.asarray([counted[u] if u in counted else known[u][0] for u in urls], dtype=np.int64)
+    sources = sorted({known[u][1] for u in urls if u not in counted})
+    return counts, {"counts_from": sources, "counts_stamps": [_stamp(f) for f in sources if _is_local(f)],
+                    "counted": len(missing)}
+
+
+def index_shards(spec: str, info: Any = None, log: Any = print, reindex: bool = False,
+                 counts_file: Optional[str] = None) -> NameIndex:
+    """The shard URLs of ``spec`` with their sample counts (``.counts``, see :func:`shard_counts`),
+    from the cached index (counted once by rank 0; redone when a local shard's or counts file's
+    size or mtime changes)."""
     urls = expand_shards(spec)
     local = [u for u in urls if _is_local(u)]
+    if counts_file:
+        counts_file = os.path.abspath(os.path.expanduser(counts_file)) if _is_local(counts_file) else counts_file
 
     def build() -> tuple[list[str], np.ndarray, dict]:
         missing = [u for u in local if not os.path.isfile(u)]
         if missing:
             raise DataError(f"{len(missing)} of the {len(urls)} shards of {spec} do not exist, e.g. {missing[0]}")
-        progress = Progress(log, spec)
-        counts = []
-        for url in urls:
-            counts.append(count_samples(url))
-            progress.tick(len(counts), "shards")
-        return urls, np.asarray(counts, dtype=np.int64), {"stamps": [_stamp(u) for u in local]}
+        counts, meta = shard_counts(urls, counts_file, log, spec)
+        return urls, counts, {**meta, "stamps": [_stamp(u) for u in local], "counts_file": counts_file}
 
     def fresh(meta: dict) -> bool:
         try:
-            return meta.get("stamps") == [_stamp(u) for u in local]
+            return (meta.get("stamps") == [_stamp(u) for u in local] and meta.get("counts_file") == counts_file
+                    and meta.get("counts_stamps") == [_stamp(f) for f in meta.get("counts_from", []) if _is_local(f)])
         except OSError:
             return False
 
     index = shared_index(IndexCache("shards", "::".join(urls), label=spec), fresh, build, info, log, reindex)
     if index.counts is None or int(np.sum(index.counts)) == 0:
-        raise DataError(f"the shards of {spec} hold no samples")
+        raise DataError(f"the shards of {spec} hold no samples with an image")
     return index
 
 
@@ -281,13 +422,23 @@ class ShardSource:
     """Pretraining data from WebDataset shards: what the Pretrainer needs of a data source."""
 
     def __init__(self, spec: str, input_size: Sequence[int], seed: int, per_rank_batch: int, num_workers: int,
-                 info: Any, log: Any = print, reindex: bool = False) -> None:
+                 info: Any, log: Any = print, reindex: bool = False, counts_file: Optional[str] = None) -> None:
         self.spec, self.info = spec, info
-        self.index = index_shards(spec, info, log, reindex)
+        self.index = index_shards(spec, info, log, reindex, counts_file)
         self.total = int(np.sum(self.index.counts))
+        # shards without an image sample feed no worker: they are not dealt (nor counted as shards)
+        held = np.flatnonzero(np.asarray(self.index.counts) > 0)
+        self.urls: Sequence[str] = self.index
+        self.counts: np.ndarray = np.asarray(self.index.counts)
+        if len(held) < len(self.index):
+            log(f"[data] {len(self.index) - len(held)} of the {len(self.index)} shards of {spec} hold no sample "
+                f"with an image and are left out (e.g. {self.index[int(np.flatnonzero(self.counts == 0)[0])]})")
+            self.urls, self.counts = [self.index[int(i)] for i in held], self.counts[held]
         workers = info.world_size * max(num_workers, 1)
-        if len(self.index) < workers:
-            raise DataError(f"{len(self.index)} shard(s) cannot feed {info.world_size} rank(s) x "
+        if len(self.urls) < workers:
+            empties = len(self.index) - len(held)
+            empty = f" (the {empties} empty ones do not count)" if empties else ""
+            raise DataError(f"{len(self.urls)} shard(s){empty} cannot feed {info.world_size} rank(s) x "
                             f"{max(num_workers, 1)} data worker(s): each worker reads whole shards; pack more, "
                             f"smaller shards (spark-det pack-shards --shard-size) or lower num_workers")
         global_batch = per_rank_batch * info.world_size
@@ -295,7 +446,7 @@ class ShardSource:
         if self.iters_per_epoch == 0:
             raise DataError(f"{self.total} samples are fewer than one global batch ({per_rank_batch} x "
                             f"{info.world_size} ranks)")
-        self.stream = ShardStream(self.index, self.index.counts, input_size, seed, per_rank_batch,
+        self.stream = ShardStream(self.urls, self.counts, input_size, seed, per_rank_batch,
                                   self.iters_per_epoch, info.rank, info.world_size)
         self.num_workers, self.per_rank_batch = num_workers, per_rank_batch
         self.positions: dict[int, Position] = {}
@@ -305,7 +456,7 @@ class ShardSource:
         return self.total
 
     def describe(self) -> str:
-        return f"{self.total:,} samples in {len(self.index):,} shards"
+        return f"{self.total:,} samples in {len(self.urls):,} shards"
 
     def identity(self) -> dict:
         return {"samples": self.total, "index": self.index.meta["digest"]}
@@ -337,7 +488,7 @@ class ShardSource:
         if self.saved is not None and self.saved[:2] == (epoch, first):
             return self.saved[2]
         # another layout: each worker starts the same fraction through its shard list
-        lists = deal_shards(self.index.counts, self.stream.seed, epoch, self.info.world_size * workers)
+        lists = deal_shards(self.counts, self.stream.seed, epoch, self.info.world_size * workers)
         mine = lists[self.info.rank * workers:(self.info.rank + 1) * workers]
         return {w: (len(shards) * first // self.iters_per_epoch, 0) for w, shards in enumerate(mine)}
 
@@ -367,6 +518,44 @@ def shard_pattern(prefix: str, count: int) -> str:
     return f"{prefix}-{{{0:06d}..{count - 1:06d}}}.tar" if count > 1 else f"{prefix}-000000.tar"
 
 
+def owned_shards(prefix: str) -> list[str]:
+    """The shards a packing to ``prefix`` writes that exist: ``<prefix>-`` six digits ``.tar``,
+    nothing else (``coco-extra-000002.tar`` is not a shard of ``coco``), in number order."""
+    folder, stem = os.path.split(prefix)
+    mine = re.compile(re.escape(stem) + r"-[0-9]{6}\.tar")
+    return sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if mine.fullmatch(n))
+
+
+def _update_sizes_json(folder: str, counts: dict[str, int], removed: Sequence[str], mode: int, log: Any) -> None:
+    """Record a packing's shard counts in the folder's ``sizes.json`` (OpenCLIP's format, read by
+    :func:`shard_counts`), keeping the entries of every other packing there."""
+    from ..io import write_atomic
+
+    path = os.path.join(folder, COUNTS_FILES[0])
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # two packings into one folder at once: one merge after the other
+        try:
+            with open(path, encoding="utf-8") as f:
+                sizes = json.load(f)
+        except FileNotFoundError:
+            sizes = {}
+        except (OSError, ValueError) as exc:
+            log(f"[pack-shards] warning: {path} is not a sizes.json this tool can update ({exc}); left as it is")
+            return
+        if not isinstance(sizes, dict):
+            log(f"[pack-shards] warning: {path} is not a sizes.json ({{\"shard.tar\": count}}); left as it is")
+            return
+        for name in removed:
+            sizes.pop(name, None)
+        sizes.update(counts)
+        text = json.dumps(dict(sorted(sizes.items())), indent=1) + "\n"
+        write_atomic(path, lambda f: f.write(text.encode()))
+        os.chmod(path, mode)  # readable wherever the shards are
+    finally:
+        os.close(fd)
+
+
 def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool = False,
                 log: Any = print) -> list[str]:
     """Pack a folder or path list into WebDataset shards ``<prefix>-000000.tar``, ... of
@@ -376,6 +565,8 @@ def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool 
     under the key of its folder index (``000000123.jpg``) and its relative path (``.path``), so
     training from the shards gives every image the crop and mask it gets from the folder. Files
     whose header is not an image are left out and reported; each shard is written atomically.
+    The shards' sample counts go to ``sizes.json`` beside them. With ``overwrite``, the packing
+    replaces its own earlier shards (:func:`owned_shards`) and nothing else.
     """
     from PIL import Image
     from webdataset import TarWriter
@@ -387,8 +578,7 @@ def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool 
         raise DataError(f"--shard-size must be >= 1, got {shard_size}")
     prefix = os.path.abspath(os.path.expanduser(prefix))
     folder = os.path.dirname(prefix)
-    existing = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
-                      if n.startswith(os.path.basename(prefix) + "-") and n.endswith(".tar"))
+    existing = owned_shards(prefix)
     if existing and not overwrite:
         raise DataError(f"{folder} already holds shards {existing[0]}, ...; choose another --output or add "
                         "--overwrite")
@@ -420,12 +610,15 @@ def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool 
         os.chmod(path, 0o666 & ~umask)  # readable like any file the user writes (temporaries are private)
         written.append(path)
         progress.tick(min(start + shard_size, len(images)), "images packed")
-    for stale in existing[len(written):]:  # an earlier, longer packing under the same prefix
-        os.remove(os.path.join(folder, stale))
-    packed = sum(count_samples(p) for p in written)
+    stale = existing[len(written):]  # an earlier, longer packing under the same prefix: its shards only
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    counts = {os.path.basename(p): count_samples(p) for p in written}
+    packed = sum(counts.values())
     if packed != len(images) - len(left_out):
         raise DataError(f"the shards hold {packed} samples, {len(images) - len(left_out)} were written: "
                         "is the disk failing?")
+    _update_sizes_json(folder, counts, stale, 0o666 & ~umask, log)
     for line in left_out[:10]:
         log(f"[pack-shards] left out {line}")
     log(f"[pack-shards] {packed:,} images in {len(written)} shard(s) of up to {shard_size}"

@@ -262,11 +262,14 @@ def test_pack_shards_leaves_out_non_images_refuses_to_overwrite_and_prints_the_p
     assert pack_cli.main(["--data", str(folder), "--output", str(tmp_path / "s" / "x"), "--shard-size", "2"]) == 0
     out = capsys.readouterr().out
     assert f"train with --data '{tmp_path / 's' / 'x'}-{{000000..000002}}.tar'" in out and "1 file(s) left out" in out
-    assert sorted(os.listdir(tmp_path / "s")) == ["x-000000.tar", "x-000001.tar", "x-000002.tar"]
+    assert sorted(os.listdir(tmp_path / "s")) == ["sizes.json", "x-000000.tar", "x-000001.tar", "x-000002.tar"]
+    assert json.loads((tmp_path / "s" / "sizes.json").read_text()) == {"x-000000.tar": 2, "x-000001.tar": 2,
+                                                                       "x-000002.tar": 1}
     assert pack_cli.main(["--data", str(folder), "--output", str(tmp_path / "s" / "x")]) == 2
     assert "already holds shards" in capsys.readouterr().err
     assert pack_cli.main(["--data", str(folder), "--output", str(tmp_path / "s" / "x"), "--overwrite"]) == 0
-    assert sorted(os.listdir(tmp_path / "s")) == ["x-000000.tar"]  # one shard of 1000 now; the stale ones gone
+    assert sorted(os.listdir(tmp_path / "s")) == ["sizes.json", "x-000000.tar"]  # one shard of 1000 now
+    assert json.loads((tmp_path / "s" / "sizes.json").read_text()) == {"x-000000.tar": 5}  # stale entries gone
     with tarfile.open(tmp_path / "s" / "x-000000.tar") as tar:
         members = tar.getnames()
     assert members[:2] == ["000000000.path", "000000000.png"]
