@@ -19,9 +19,12 @@ PathLike = Union[str, Path]
 TEMPORARY_SUFFIX = ".tmp"  # write_atomic's temporaries: .<name>.<random>.tmp beside the target
 
 
-def write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
+def write_atomic(path: PathLike, write: Callable[[Any], None],
+                 before_replace: Optional[Callable[[], None]] = None) -> Path:
     """Call ``write(file)`` on a temporary file in ``path``'s folder, fsync, then rename over
-    ``path``: readers see the old file or the complete new one, never a half-written one."""
+    ``path``: readers see the old file or the complete new one, never a half-written one.
+    ``before_replace()`` runs once the new file is complete, just before the rename (a checkpoint
+    rotation keeps the old file under another name there); if it raises, ``path`` is untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +36,8 @@ def write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -77,9 +82,9 @@ def remove_stale_temporaries(folder: PathLike) -> tuple[int, int]:
     return count, size
 
 
-def save_atomic(obj: Any, path: PathLike) -> Path:
+def save_atomic(obj: Any, path: PathLike, before_replace: Optional[Callable[[], None]] = None) -> Path:
     """``torch.save`` through :func:`write_atomic`."""
-    return write_atomic(path, lambda f: torch.save(obj, f))
+    return write_atomic(path, lambda f: torch.save(obj, f), before_replace)
 
 
 def save_pickle_atomic(obj: Any, path: PathLike) -> Path:

@@ -13,7 +13,8 @@ encoder-<model>.pth, metrics.jsonl, tensorboard/ and reconstruction-epochNNN.png
 (:mod:`.run_dir` describes the folder).
 
 Faults lose nothing: the folder is locked to one run; checkpoints are written atomically and
-only when every weight is finite; a resume falls back to an older checkpoint when the newest
+only when every weight is finite (and are advised for resuming only once a loss computed from
+them was finite and under ``max_loss``); a resume falls back to an older checkpoint when the newest
 cannot be read, drops temporaries and metric lines a kill left behind, and writes the outputs
 a killed run had not written yet (so resuming a finished run completes it).
 """
@@ -300,13 +301,21 @@ class Pretrainer:
         write_atomic(self.output / "config.yaml", lambda f: f.write(text.encode()))
 
     def _divergence_message(self, exc: NonFiniteLossError) -> str:
-        kept = self.run_dir.checkpoints()
+        """The way out, which works when followed literally: resume from the newest checkpoint
+        confirmed good (:meth:`RunDirectory.confirmed`), or start again when there is none."""
         lower = f"lr={self.peak_lr / 10:.3g} warmup_epochs={max(1, self.cfg['warmup_epochs'] * 2)}"
-        if not kept:
-            advice = f"no checkpoint was written yet: start again with a smaller lr or a longer warm-up, e.g. {lower}"
+        kept = self.run_dir.checkpoints()
+        confirmed = self.run_dir.confirmed(self.cfg["max_loss"], self.iters_per_epoch)
+        if confirmed:
+            (epoch, i), path = confirmed[0]
+            advice = (f"kept checkpoints: {self.run_dir.describe()}; resume from the newest confirmed good (epoch "
+                      f"{epoch} iteration {i}) with a smaller lr or a longer warm-up, e.g. --resume {path} {lower}")
+        elif kept:
+            advice = (f"no kept checkpoint is confirmed good (a loss computed from its weights was never finite and "
+                      f"under max_loss: {self.run_dir.describe()}): start a new run in another folder with a smaller "
+                      f"lr or a longer warm-up, e.g. --output {self.output}-restart {lower}")
         else:
-            advice = (f"kept checkpoints: {self.run_dir.describe()}; resume from the earliest with a smaller lr or a "
-                      f"longer warm-up, e.g. --resume {kept[-1]} {lower}")
+            advice = f"no checkpoint was written yet: start again with a smaller lr or a longer warm-up, e.g. {lower}"
         return f"training diverged: {exc}; {advice}"
 
     # ------------------------------------------------------------------------------------------
