@@ -37,10 +37,17 @@ from ..errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
 from ..io import PathLike, save_atomic, write_atomic
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
-from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
+from .checkpoint import derive_rng_state, file_digest, load_init_weights, rng_state, set_rng_state
 from .config import same_trajectory
 from .data import open_source
-from .distributed import all_true, init_distributed, on_main_rank, require_same_on_every_rank, sync_batchnorms
+from .distributed import (
+    all_true,
+    gather_from_every_rank,
+    init_distributed,
+    on_main_rank,
+    require_same_on_every_rank,
+    sync_batchnorms,
+)
 from .engine import train_one_epoch
 from .optim import build_optimizer
 from .progress import ProgressLog
@@ -163,18 +170,59 @@ class Pretrainer:
             raise ConfigError(f"{self.output} already holds a run ({self.run_dir.describe()}); continue it with "
                               "--resume auto, or choose another --output")
 
+    def _choose_checkpoint(self, resume: str) -> Optional[tuple[Path, dict[str, Any]]]:
+        if resume == "auto":
+            return self.run_dir.load_latest()
+        path = Path(resume).expanduser()
+        return path, load_run_checkpoint(path)
+
+    def _agree_on_checkpoint(self, resume: str) -> Optional[tuple[Path, dict[str, Any]]]:
+        """This rank's checkpoint, once every rank has chosen the same: the same position and the
+        same bytes. Each rank reads its own view of the folder (and may fall back on its own), and
+        DDP does not compare weights: ranks resumed from different checkpoints would silently train
+        different models. Otherwise every rank stops with one line before the first step."""
+        found, mine = None, ("none",)
+        try:
+            found = self._choose_checkpoint(resume)
+        except CheckpointError as exc:
+            if not self.dist.distributed:
+                raise
+            mine = ("error", str(exc))
+        if found is not None:
+            path, ckpt = found
+            digest = file_digest(path) if self.dist.distributed else ""
+            mine = ("checkpoint", (int(ckpt["epoch"]), int(ckpt["iter"])), digest, str(path))
+        everyone = gather_from_every_rank(mine, self.dist)
+        failed = [(rank, theirs[1]) for rank, theirs in enumerate(everyone) if theirs[0] == "error"]
+        if failed:
+            rank, message = failed[0]
+            raise self._said_once(CheckpointError(message if rank == 0 else f"rank {rank}: {message}"))
+        choices: dict[tuple, list[int]] = {}
+        for rank, theirs in enumerate(everyone):
+            choices.setdefault(theirs[:3], []).append(rank)
+        if len(choices) > 1:
+            def said(choice: tuple, ranks: list[int]) -> str:
+                who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, ranks[:8]))}" + (
+                    "..." if len(ranks) > 8 else "")
+                if choice[0] == "none":
+                    return f"{who} from scratch (no checkpoint)"
+                (epoch, i), digest, path = choice[1], choice[2], everyone[ranks[0]][3]
+                return f"{who} from {path} (epoch {epoch} iteration {i}, sha256 {digest[:12]})"
+
+            listed = "; ".join(said(choice, ranks) for choice, ranks in choices.items())
+            raise self._said_once(ConfigError(
+                f"the ranks would resume from different checkpoints ({listed}): give every node the same --output "
+                "on a shared file system, or the same --resume file"))
+        return found
+
     def _resume(self, resume: Optional[str]) -> None:
         if resume is None:
             return
-        if resume == "auto":
-            found = self.run_dir.load_latest()
-            if found is None:
-                self.log(f"[pretrain] no checkpoint in {self.output}: starting from scratch")
-                return
-            path, ckpt = found
-        else:
-            path = Path(resume).expanduser()
-            ckpt = load_run_checkpoint(path)
+        found = self._agree_on_checkpoint(resume)
+        if found is None:
+            self.log(f"[pretrain] no checkpoint in {self.output}: starting from scratch")
+            return
+        path, ckpt = found
         saved_batch = (ckpt.get("config") or {}).get("batch_size", self.cfg["batch_size"])
         if saved_batch != self.cfg["batch_size"]:
             raise ConfigError(f"{path} was trained with batch_size={saved_batch}, this run has "

@@ -8,6 +8,7 @@ cover fewer images, so there the bound is 1e-3. Every subprocess has a timeout: 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,44 @@ def test_two_torchrun_agents_on_one_host_train_like_one_process(images, straight
     assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     assert "2 process(es)" in results[0][1] and results[1][1].strip() == ""  # rank 1 (node 1) writes nothing
     assert_same_run(out, straight)
+
+
+def two_nodes(images, outputs, logs, timeout=240):
+    """Two torchrun agents (one process each) as two nodes would run them, node i writing to
+    ``outputs[i]``; their output goes to files (a pipe nobody drains would block the workers).
+    Returns [(exit code, output)] per node."""
+    port, procs = next(_ports), []
+    for node, (out, log) in enumerate(zip(outputs, logs)):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "spark_det",
+                 "pretrain", *tool_args(images, out)], cwd=ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT))
+    try:
+        codes = [proc.wait(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [(code, Path(log).read_text()) for code, log in zip(codes, logs)]
+
+
+@pytest.mark.parametrize("case", ["folder_not_shared", "fallback_on_one_node"])
+def test_ranks_that_would_resume_from_different_checkpoints_stop_together_with_one_line(images, tmp_path, case):
+    shared = tmp_path / "node0"
+    assert pretrain_cli.main([*tool_args(images, shared), "stop_after_iters=3"]) == 0
+    other = tmp_path / "node1"  # what node 1 sees at the same path on its own disk
+    if case == "fallback_on_one_node":  # a copy whose newest checkpoint is damaged: node 1 falls back alone
+        shutil.copytree(shared, other)
+        (other / "checkpoint-last.pth").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
+    results = two_nodes(images, [shared, other], [tmp_path / "node0.log", tmp_path / "node1.log"])
+    text = results[0][1] + results[1][1]
+    assert [code != 0 for code, _ in results] == [True, True], text[-3000:]
+    lines = [line for line in text.splitlines() if "error: " in line]
+    assert len(lines) == 1 and "the ranks would resume from different checkpoints" in lines[0], text[-3000:]
+    expected = "rank 1 from scratch" if case == "folder_not_shared" else "epoch 0 iteration 2"
+    assert "rank 0 from " in lines[0] and "epoch 0 iteration 3" in lines[0] and expected in lines[0]
+    assert {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()} == before  # not a step was taken
 
 
 def test_srun_without_torchrun_reads_the_slurm_variables(images, straight, tmp_path):
