@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -12,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .errors import CheckpointError, OutputError, first_line
+from .errors import CheckpointError, InputFileError, OutputError, first_line
 
 PathLike = Union[str, Path]
 
@@ -124,3 +125,24 @@ def _damaged(path: Path, exc: Exception) -> str:
     what = "the file is empty" if size == 0 else f"{type(exc).__name__}{': ' + detail if detail else ''}"
     return (f"cannot read checkpoint {path} ({what}); the file may be truncated (an interrupted download, copy or "
             "write) or not a PyTorch checkpoint")
+
+
+def coco_classes(annotations: PathLike, image_dir: Optional[PathLike] = None) -> tuple[str, ...]:
+    """The class names of a COCO-format JSON in category-id order, checked before a framework reads
+    it (minutes later, with a traceback): :class:`InputFileError` (exit 1) when the file is missing,
+    does not parse or has no usable ``categories``, or ``image_dir`` does not exist."""
+    path = Path(annotations)
+    if not path.is_file():
+        raise InputFileError(f"COCO annotation file {path} does not exist")
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise InputFileError(f"the image folder {image_dir} given with {path} does not exist")
+    try:
+        categories = json.loads(path.read_text())["categories"]
+        return tuple(str(c["name"]) for c in sorted(categories, key=lambda c: c["id"]))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"cannot read COCO annotation file {path}: {first_line(exc)}") from exc
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"COCO annotation file {path} is not valid JSON ({exc})") from exc
+    except (KeyError, TypeError) as exc:
+        raise InputFileError(f"COCO annotation file {path} has no usable 'categories' (a list of {{'id', 'name'}}; "
+                             f"{type(exc).__name__}: {exc}): is it a COCO instances file?") from exc
