@@ -22,7 +22,9 @@ a killed run had not written yet (so resuming a finished run completes it).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,15 +203,7 @@ class Pretrainer:
         for rank, theirs in enumerate(everyone):
             choices.setdefault(theirs[:3], []).append(rank)
         if len(choices) > 1:
-            def said(choice: tuple, ranks: list[int]) -> str:
-                who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, ranks[:8]))}" + (
-                    "..." if len(ranks) > 8 else "")
-                if choice[0] == "none":
-                    return f"{who} from scratch (no checkpoint)"
-                (epoch, i), digest, path = choice[1], choice[2], everyone[ranks[0]][3]
-                return f"{who} from {path} (epoch {epoch} iteration {i}, sha256 {digest[:12]})"
-
-            listed = "; ".join(said(choice, ranks) for choice, ranks in choices.items())
+            listed = "; ".join(_describe_choice(choice, ranks, everyone[ranks[0]]) for choice, ranks in choices.items())
             raise self._said_once(ConfigError(
                 f"the ranks would resume from different checkpoints ({listed}): give every node the same --output "
                 "on a shared file system, or the same --resume file"))
@@ -361,10 +355,16 @@ class Pretrainer:
         elif kept:
             advice = (f"no kept checkpoint is confirmed good (a loss computed from its weights was never finite and "
                       f"under max_loss: {self.run_dir.describe()}): start a new run in another folder with a smaller "
-                      f"lr or a longer warm-up, e.g. --output {self.output}-restart {lower}")
+                      f"lr or a longer warm-up, e.g. --output {self._restart_folder()} {lower}")
         else:
             advice = f"no checkpoint was written yet: start again with a smaller lr or a longer warm-up, e.g. {lower}"
         return f"training diverged: {exc}; {advice}"
+
+    def _restart_folder(self) -> Path:
+        """A folder beside this one that holds nothing yet: ``<name>-restart``, ``<name>-restart2``, ..."""
+        stem = re.sub(r"-restart\d*$", "", self.output.name)
+        candidates = (self.output.with_name(f"{stem}-restart{n if n > 1 else ''}") for n in itertools.count(1))
+        return next(path for path in candidates if not path.exists())
 
     # ------------------------------------------------------------------------------------------
     # The run
@@ -490,6 +490,15 @@ class Pretrainer:
         self.log(f"[pretrain] done; {len(self.skipped)} unreadable image file(s) skipped; outputs in {self.output}")
         return PretrainResult(self.output, encoder, state["epoch"], state["done"], stopped, len(self.skipped),
                               state["loss"])
+
+
+def _describe_choice(choice: tuple, ranks: list[int], first: tuple) -> str:
+    """'ranks 0,1 from PATH (epoch E iteration I, sha256 ...)' for the checkpoint-agreement error."""
+    who = ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks[:8])) + ("..." if len(ranks) > 8 else "")
+    if choice[0] == "none":
+        return f"{who} from scratch (no checkpoint)"
+    (epoch, i), digest = choice[1], choice[2]
+    return f"{who} from {first[3]} (epoch {epoch} iteration {i}, sha256 {digest[:12]})"
 
 
 def pretrain(config: dict[str, Any], data: PathLike, output: PathLike, **kwargs: Any) -> PretrainResult:

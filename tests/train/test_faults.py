@@ -236,6 +236,7 @@ def test_only_checkpoints_confirmed_by_a_finite_loss_are_advised_and_the_advice_
         if resumed_at is not None:
             assert diverged_at(line) > resumed_at
         advice = line.split("e.g. ", 1)[1].split()
+        assert advice[0] == "--resume" or not Path(advice[1]).exists()  # a new run's folder is free
         args += advice
         state = load_file(advice[1]) if advice[0] == "--resume" else None
         resumed_at = (state["epoch"], state["iter"]) if state else None
