@@ -9,7 +9,8 @@
 | 4    | a file-system error: an output cannot be written (read-only, full disk, ...) |
 | 5    | the run folder is in use by another run (a lock held by a live process)     |
 | 6    | the processes of a distributed run could not meet (rendezvous timed out)     |
-| 7    | masked patches reach visible features (the leak audit failed); no checkpoint |
+| 7    | a package the command needs is not installed (the line says what to install) |
+| 8    | masked patches reach visible features (the leak audit failed); no checkpoint |
 |      | of the leaking weights is written                                           |
 | 143  | stopped by SIGTERM (preemption) after writing a checkpoint: resume it        |
 | 130  | interrupted (Ctrl-C)                                                        |
@@ -27,7 +28,8 @@ EXIT_DIVERGED = 3
 EXIT_CANNOT_WRITE = 4
 EXIT_LOCKED = 5
 EXIT_NO_RENDEZVOUS = 6
-EXIT_LEAKS = 7
+EXIT_MISSING_PACKAGE = 7
+EXIT_LEAKS = 8
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect
 EXIT_INTERRUPTED = 130
 
@@ -43,10 +45,15 @@ class SparkDetError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
-class CheckpointError(SparkDetError, ValueError):
-    """A checkpoint file is missing, unreadable, truncated or of an unexpected layout."""
+class InputFileError(SparkDetError, ValueError):
+    """An input file (a checkpoint, an annotation file) is missing, unreadable, truncated or of an
+    unexpected layout."""
 
     exit_code = EXIT_BAD_FILE
+
+
+class CheckpointError(InputFileError):
+    """A checkpoint file is missing, unreadable, truncated or of an unexpected layout."""
 
 
 class ConfigError(SparkDetError, ValueError):
@@ -94,6 +101,13 @@ class PreemptedError(SparkDetError):
     """SIGTERM arrived: the run finished its step, wrote a checkpoint and stopped."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class MissingPackageError(SparkDetError, ImportError):
+    """An optional package a command needs (an extra of ``setup.cfg``, or a detection framework)
+    is not installed."""
+
+    exit_code = EXIT_MISSING_PACKAGE
 
 
 class LeakError(SparkDetError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -12,16 +13,19 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .errors import CheckpointError, OutputError, first_line
+from .errors import CheckpointError, InputFileError, OutputError, first_line
 
 PathLike = Union[str, Path]
 
 TEMPORARY_SUFFIX = ".tmp"  # write_atomic's temporaries: .<name>.<random>.tmp beside the target
 
 
-def write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
+def write_atomic(path: PathLike, write: Callable[[Any], None],
+                 before_replace: Optional[Callable[[], None]] = None) -> Path:
     """Call ``write(file)`` on a temporary file in ``path``'s folder, fsync, then rename over
-    ``path``: readers see the old file or the complete new one, never a half-written one."""
+    ``path``: readers see the old file or the complete new one, never a half-written one.
+    ``before_replace()`` runs once the new file is complete, just before the rename (a checkpoint
+    rotation keeps the old file under another name there); if it raises, ``path`` is untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +37,8 @@ def write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -77,9 +83,9 @@ def remove_stale_temporaries(folder: PathLike) -> tuple[int, int]:
     return count, size
 
 
-def save_atomic(obj: Any, path: PathLike) -> Path:
+def save_atomic(obj: Any, path: PathLike, before_replace: Optional[Callable[[], None]] = None) -> Path:
     """``torch.save`` through :func:`write_atomic`."""
-    return write_atomic(path, lambda f: torch.save(obj, f))
+    return write_atomic(path, lambda f: torch.save(obj, f), before_replace)
 
 
 def save_pickle_atomic(obj: Any, path: PathLike) -> Path:
@@ -119,3 +125,24 @@ def _damaged(path: Path, exc: Exception) -> str:
     what = "the file is empty" if size == 0 else f"{type(exc).__name__}{': ' + detail if detail else ''}"
     return (f"cannot read checkpoint {path} ({what}); the file may be truncated (an interrupted download, copy or "
             "write) or not a PyTorch checkpoint")
+
+
+def coco_classes(annotations: PathLike, image_dir: Optional[PathLike] = None) -> tuple[str, ...]:
+    """The class names of a COCO-format JSON in category-id order, checked before a framework reads
+    it (minutes later, with a traceback): :class:`InputFileError` (exit 1) when the file is missing,
+    does not parse or has no usable ``categories``, or ``image_dir`` does not exist."""
+    path = Path(annotations)
+    if not path.is_file():
+        raise InputFileError(f"COCO annotation file {path} does not exist")
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise InputFileError(f"the image folder {image_dir} given with {path} does not exist")
+    try:
+        categories = json.loads(path.read_text())["categories"]
+        return tuple(str(c["name"]) for c in sorted(categories, key=lambda c: c["id"]))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"cannot read COCO annotation file {path}: {first_line(exc)}") from exc
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"COCO annotation file {path} is not valid JSON ({exc})") from exc
+    except (KeyError, TypeError) as exc:
+        raise InputFileError(f"COCO annotation file {path} has no usable 'categories' (a list of {{'id', 'name'}}; "
+                             f"{type(exc).__name__}: {exc}): is it a COCO instances file?") from exc

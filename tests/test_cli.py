@@ -98,3 +98,84 @@ def test_logs_are_plain_lines_every_log_every_iterations_when_stdout_is_not_a_te
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[pretrain] it ")]
     assert [line.split()[2] for line in lines] == ["1/8", "3/8", "6/8", "8/8"]
     assert all(" loss " in line and " lr " in line and " img/s " in line and " eta " in line for line in lines)
+
+
+def one_error_line(proc) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run") / "run"
+    assert pretrain.main(["--recipe", RECIPE, "--data", str(images), "--output", str(out), "--device", "cpu",
+                          "model=test_resnet", "input_size=[64,64]", "decoder_width=32", "batch_size=4",
+                          "vis_images=0", "stop_after_iters=1"]) == 0
+    return out / "checkpoint-last.pth"
+
+
+@pytest.mark.parametrize("count", [0, -2])
+def test_visualize_refuses_fewer_than_one_image_in_one_line(checkpoint, images, tmp_path, count):
+    proc = spark_det("visualize", checkpoint, images, "--num-images", count, "--output", tmp_path / "grid.png")
+    assert proc.returncode == 2
+    assert f"--num-images must be at least 1, got {count}" in one_error_line(proc)
+    assert not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_pretrain_on_cuda_without_a_gpu_is_one_line_before_anything_is_written(images, tmp_path):
+    proc = spark_det("pretrain", "--recipe", RECIPE, "--data", images, "--output", tmp_path / "run", "--device", "cuda")
+    assert proc.returncode == 2
+    assert "--device cuda: torch sees no CUDA GPU here" in one_error_line(proc) and "--device cpu" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def without(modules, *args):
+    """The command as a user runs it where ``modules`` are not installed (Python's own way to make
+    an import fail: None in sys.modules), everything else unchanged."""
+    code = (f"import sys; sys.modules.update(dict.fromkeys({list(modules)!r})); from spark_det.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_demo_and_make_data_without_their_extra_name_what_to_install_in_one_line(tmp_path):
+    proc = without(["pycocotools"], "make-data", "--output", tmp_path / "data", "--num-train", 2, "--num-val", 1)
+    assert proc.returncode == 7
+    assert "pycocotools" in one_error_line(proc) and "pip install 'spark-det[demo]'" in proc.stderr
+    assert not (tmp_path / "data").exists()
+    proc = without(["pycocotools", "detectron2", "mmdet"], "demo", "--output", tmp_path / "demo")
+    assert proc.returncode == 7
+    line = one_error_line(proc)
+    assert "pip install 'spark-det[demo]'" in line and "Detectron2" in line and "spark-det[mmdet]" in line
+    assert not (tmp_path / "demo").exists()
+    proc = without(["detectron2"], "train-det2", "--help")
+    assert proc.returncode == 7 and "Detectron2" in one_error_line(proc)
+
+
+@pytest.mark.parametrize("framework", ["mmdet", "detectron2"])
+@pytest.mark.parametrize("case", ["missing", "not_json", "no_categories"])
+def test_training_on_a_bad_coco_json_is_one_line_with_exit_1(tmp_path, framework, case):
+    from frameworks import require
+
+    require(framework)
+    annotations = tmp_path / "train.json"
+    if case == "not_json":
+        annotations.write_text('{"images": [')
+    elif case == "no_categories":
+        annotations.write_text('{"images": [], "annotations": []}')
+    (tmp_path / "images").mkdir()
+    if framework == "mmdet":
+        proc = spark_det("train-mmdet", ROOT / "det_configs/mmdet/mask-rcnn_r18_fpn_cpu_demo.py", "--output",
+                         tmp_path / "work", "--coco-train", annotations, tmp_path / "images")
+    else:
+        config = ROOT / "det_configs/detectron2/mask_rcnn_R_18_FPN_cpu_demo.yaml"
+        proc = spark_det("train-det2", "--config-file", config, "--output", tmp_path / "work", "--register-coco",
+                         "mine", annotations, tmp_path / "images", "DATASETS.TRAIN", '("mine",)', "DATASETS.TEST", "()")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    expected = {"missing": "does not exist", "not_json": "is not valid JSON",
+                "no_categories": "has no usable 'categories'"}[case]
+    assert expected in one_error_line(proc) and str(annotations) in proc.stderr
+    assert not (tmp_path / "work").exists()

@@ -13,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import EXIT_BAD_INPUT, EXIT_OK
+from .common import missing_package
 
 # subcommand -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,5 +50,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+    except ModuleNotFoundError as exc:  # train-det2 / train-mmdet import their framework
+        missing = missing_package(exc)
+        if missing is None:
+            raise
+        print(f"error: spark-det {argv[0]}: {missing}", file=sys.stderr)
+        return missing.exit_code
     return module.main(argv[1:])

@@ -8,14 +8,51 @@ line on stderr and the exit code of :mod:`spark_det.errors`, never in a tracebac
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
-from ..errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, SparkDetError
+from ..errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, MissingPackageError, SparkDetError, first_line
 
 EXIT_CODES_HELP = ("exit codes: 0 ok, 1 bad input file, 2 bad arguments/config/data, 3 training diverged, "
                    "4 file-system error (e.g. cannot write output), 5 run folder in use by another run, "
-                   "6 distributed rendezvous timed out, 130 interrupted, 143 stopped by SIGTERM after a checkpoint")
+                   "6 distributed rendezvous timed out, 7 a needed package is not installed, 130 interrupted, "
+                   "143 stopped by SIGTERM after a checkpoint")
+
+_DETECTRON2 = ("install Detectron2 (not on PyPI: `make setup` installs it, or see the README's setup section) "
+               "and pip install 'spark-det[d2]'")
+_MMDET = "pip install 'spark-det[mmdet]' (mmcv needs its compiled ops: `make setup` builds them, see the README)"
+# The optional packages (setup.cfg's extras and the detection frameworks) -> how to install them.
+INSTALL_HINTS = {
+    "pycocotools": "pip install 'spark-det[demo]'", "matplotlib": "pip install 'spark-det[demo]'",
+    "detectron2": _DETECTRON2, "fvcore": _DETECTRON2, "iopath": _DETECTRON2, "yacs": _DETECTRON2,
+    "omegaconf": _DETECTRON2, "hydra": _DETECTRON2,
+    "mmdet": _MMDET, "mmcv": _MMDET, "mmengine": _MMDET,
+}
+
+
+def missing_package(exc: ImportError) -> Optional[MissingPackageError]:
+    """The one-line error for an optional package that is not installed (None for any other
+    module: a missing core dependency is a broken install, and its traceback is the report)."""
+    name = (exc.name or "").split(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or name not in INSTALL_HINTS:
+        return None
+    return MissingPackageError(f"the package {name} is not installed: {INSTALL_HINTS[name]}")
+
+
+def require_packages(modules: Iterable[str], command: str) -> None:
+    """Import ``modules`` now, before any work, so that a missing one is one line at once, not a
+    failure minutes into a run; each is named with how to install it."""
+    problems = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            absent = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == module
+            state = "" if absent else f"installed but fails to import: {first_line(exc)}; "
+            problems.append(f"{module} ({state}{INSTALL_HINTS[module]})")
+    if problems:
+        raise MissingPackageError(f"{command} needs packages that are missing: {'; '.join(problems)}")
 
 
 def make_parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
@@ -60,6 +97,12 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:  # an optional package (an extra, a framework) is not installed
+        missing = missing_package(exc)
+        if missing is None:
+            raise
+        print(f"error: {missing}", file=sys.stderr)
+        return missing.exit_code
     except OSError as exc:  # a full disk, a read-only folder, a vanished mount: the user's to fix
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)

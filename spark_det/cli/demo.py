@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import EXIT_OK
-from .common import add_output, make_parser, parse_with_output, run_tool
+from .common import add_output, make_parser, parse_with_output, require_packages, run_tool
 
 
 def build_parser():
@@ -49,7 +49,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..demo.pipeline import DemoSettings, run_demo
 
     parser = build_parser()
-    run_demo(DemoSettings(**vars(parse_with_output(parser, argv))))
+    settings = DemoSettings(**vars(parse_with_output(parser, argv)))
+    require_packages(["pycocotools", "matplotlib", *settings.frameworks], "spark-det demo")
+    run_demo(settings)
     return EXIT_OK
 
 

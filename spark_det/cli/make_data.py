@@ -9,7 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import EXIT_OK
-from .common import add_output, make_parser, parse_with_output, run_tool
+from .common import add_output, make_parser, parse_with_output, require_packages, run_tool
 
 
 def build_parser():
@@ -31,6 +31,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     parser = build_parser()
     args = parse_with_output(parser, argv)
+    require_packages(["pycocotools"], "spark-det make-data")  # before anything is written
     if min(args.num_train, args.num_val, args.num_unlabeled) < 0 or min(args.image_size) < 16:
         parser.error("image counts must be >= 0 and image sides >= 16 pixels")
     scene = SceneConfig(image_size=tuple(args.image_size), single_class=args.single_class)

@@ -30,6 +30,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     parser = build_parser()
     args = parse_with_output(parser, argv)
+    if args.num_images < 1:
+        parser.error(f"--num-images must be at least 1, got {args.num_images}")
     path, count, cfg = reconstruction_grid_from_checkpoint(args.checkpoint, args.images, args.output,
                                                            args.num_images, args.seed)
     print(f"wrote {path} ({count} images, {cfg['model']}, mask ratio {cfg['mask_ratio']})")

@@ -1,4 +1,4 @@
-"""AdamW with layer-wise lr decay for Detectron2 ResNets and ConvNeXts, as in the SparK paper.
+"""AdamW with layer-wise lr decay for Detectron2 backbones (ResNet, ConvNeXt, any timm CNN), as in SparK.
 
 Written here because Detectron2 v0.6 (the paper's version) has no lr_factor_func hook, and the
 reference code's layer ids overflow for ResNet-152/200.
@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import maybe_add_gradient_clipping
+
+from ..transfer.timm_pyramid import NUM_LEVELS, TimmPyramid
 
 
 def resnet_layer_id(name: str, res4_blocks: int) -> tuple[int, int]:
@@ -52,8 +54,22 @@ def convnext_layer_id(name: str, stage3_blocks: int) -> tuple[int, int]:
     return {0: 1, 1: 2, 2: 3 + index // 3, 3: n}[stage], n + 2
 
 
+def timm_layer_id_function(prefix: str, pyramid: TimmPyramid) -> Callable[[str], tuple[int, int]]:
+    """The layer-id rule for a GeneralizedRCNN whose backbone is the generic timm one (``pyramid``,
+    the module named ``prefix``): the stem -> 0, the parameters of pyramid level k (strides 4..32,
+    the stages of timm's ``feature_info``) -> k, everything else (FPN, RPN, ROI heads) -> 5; 6 ids.
+    For a ResNet with at most 3 res4 blocks this is :func:`resnet_layer_id` exactly."""
+    depths = {f"{prefix}.{name}": depth for name, depth in pyramid.parameter_depths().items()}
+    heads = NUM_LEVELS + 1
+    return lambda name: (depths.get(name, heads), heads + 1)
+
+
 def _layer_id_function(model: torch.nn.Module) -> Callable[[str], tuple[int, int]]:
-    """The layer-id rule for ``model``'s backbone (ConvNeXt if it has ``stages``, else ResNet)."""
+    """The layer-id rule for ``model``'s backbone (the generic timm one, ConvNeXt if it has
+    ``stages``, else ResNet)."""
+    pyramids = [(name, m) for name, m in model.named_modules() if isinstance(m, TimmPyramid)]
+    if pyramids:
+        return timm_layer_id_function(*pyramids[0])
     names = [n for n, _ in model.named_parameters()]
 
     def blocks_in(pattern: str) -> int:

@@ -30,6 +30,7 @@ from detectron2.evaluation import COCOEvaluator
 
 from ..cli.common import run_tool
 from ..errors import EXIT_OK, ConfigError
+from ..io import coco_classes
 from . import add_spark_config, build_layer_decay_optimizer
 
 
@@ -97,6 +98,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     if not args.config_file or not Path(args.config_file).is_file():
         raise ConfigError(f"--config-file {args.config_file!r} does not exist (see det_configs/detectron2/)")
+    for _, coco_json, image_dir in args.register_coco or []:
+        coco_classes(coco_json, image_dir)  # a bad file is one line now, not a traceback at the first batch
     if args.output:
         args.opts = [*args.opts, "OUTPUT_DIR", args.output]
     launch(train, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

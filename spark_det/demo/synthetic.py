@@ -17,7 +17,6 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 CLASSES = ("circle", "rectangle", "triangle", "star", "cross", "ring")
 _SPLIT_IDS = {"train": 0, "val": 1, "unlabeled": 2}
@@ -147,6 +146,8 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def coco_annotation(mask: np.ndarray, category: int, image_id: int, ann_id: int) -> dict:
+    from pycocotools import mask as mask_utils  # the demo extra: unlabeled images need no annotations
+
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     x, y, bw, bh = mask_utils.toBbox(rle).tolist()

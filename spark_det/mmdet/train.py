@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,14 +27,15 @@ from mmengine.runner import Runner
 
 from ..cli.common import make_parser, run_tool
 from ..errors import EXIT_OK, ConfigError
+from ..io import coco_classes
 from .checkpoint import register_weights_only_loader
 
 
 def use_coco(cfg: Config, train: tuple[str, str] | None, val: tuple[str, str] | None) -> None:
     """Point the data loaders at COCO-format files and set the classes (and head sizes) from them."""
-    source = train or val
-    classes = tuple(c["name"] for c in sorted(json.loads(Path(source[0]).read_text())["categories"],
-                                             key=lambda c: c["id"]))
+    for files in (val, train):  # both checked before anything runs; the training file's classes win
+        if files is not None:
+            classes = coco_classes(*files)
     loaders = [(cfg.train_dataloader, train), (cfg.val_dataloader, val), (cfg.test_dataloader, val)]
     for loader, files in loaders:
         if files is None:

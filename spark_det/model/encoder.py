@@ -36,7 +36,11 @@ class SparseEncoder(nn.Module):
         self.impl = impl
         if isinstance(model, str):
             self.model_name = model
-            model = timm.create_model(model, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
+            try:
+                model = timm.create_model(model, pretrained=False, num_classes=0, global_pool="", **timm_kwargs)
+            except AssertionError as exc:  # a timm constructor that asserts on its arguments
+                raise ValueError(f"{model}: timm cannot build it with {timm_kwargs}: "
+                                 f"{str(exc) or 'an assertion in its constructor failed'}") from exc
         else:
             self.model_name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):

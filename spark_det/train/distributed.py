@@ -57,6 +57,13 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     restart fails (and torchrun retries) instead of hanging for torch's default 30 minutes."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     rank, world, local_rank = launch_environment()
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}); use --device cpu, or auto for a GPU when there "
+                          "is one")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"rank {rank} has LOCAL_RANK {local_rank}, but this node has {torch.cuda.device_count()} "
+                          "GPU(s): start at most that many processes per node (--nproc_per_node)")
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -175,13 +182,21 @@ def on_main_rank(work: Callable[[], T], info: DistInfo) -> T | None:
     return result
 
 
+def gather_from_every_rank(obj: T, info: DistInfo) -> list[T]:
+    """``obj`` of every rank, on every rank (a list indexed by rank; ``[obj]`` in one process)."""
+    if not info.distributed:
+        return [obj]
+    everyone: list = [None] * info.world_size
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def require_same_on_every_rank(facts: dict, info: DistInfo) -> None:
     """Raise :class:`ConfigError` on every rank when the ranks were given different recipes,
     overrides or data (nodes launched with different command lines or mounts)."""
     if not info.distributed:
         return
-    everyone: list = [None] * info.world_size
-    dist.all_gather_object(everyone, facts)
+    everyone = gather_from_every_rank(facts, info)
     for rank, theirs in enumerate(everyone):
         if theirs != everyone[0]:
             keys = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))

@@ -13,7 +13,8 @@ encoder-<model>.pth, metrics.jsonl, tensorboard/ and reconstruction-epochNNN.png
 (:mod:`.run_dir` describes the folder).
 
 Faults lose nothing: the folder is locked to one run; checkpoints are written atomically and
-only when every weight is finite; a resume falls back to an older checkpoint when the newest
+only when every weight is finite (and are advised for resuming only once a loss computed from
+them was finite and under ``max_loss``); a resume falls back to an older checkpoint when the newest
 cannot be read, drops temporaries and metric lines a kill left behind, and writes the outputs
 a killed run had not written yet (so resuming a finished run completes it).
 """
@@ -21,7 +22,9 @@ a killed run had not written yet (so resuming a finished run completes it).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -46,11 +49,12 @@ from ..io import PathLike, save_atomic, write_atomic
 from ..model.leak_probe import find_leak
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
-from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
+from .checkpoint import derive_rng_state, file_digest, load_init_weights, rng_state, set_rng_state
 from .config import same_trajectory
 from .data import open_source
 from .distributed import (
     all_true,
+    gather_from_every_rank,
     init_distributed,
     on_main_rank,
     require_same_on_every_rank,
@@ -182,18 +186,51 @@ class Pretrainer:
             raise ConfigError(f"{self.output} already holds a run ({self.run_dir.describe()}); continue it with "
                               "--resume auto, or choose another --output")
 
+    def _choose_checkpoint(self, resume: str) -> Optional[tuple[Path, dict[str, Any]]]:
+        if resume == "auto":
+            return self.run_dir.load_latest()
+        path = Path(resume).expanduser()
+        return path, load_run_checkpoint(path)
+
+    def _agree_on_checkpoint(self, resume: str) -> Optional[tuple[Path, dict[str, Any]]]:
+        """This rank's checkpoint, once every rank has chosen the same: the same position and the
+        same bytes. Each rank reads its own view of the folder (and may fall back on its own), and
+        DDP does not compare weights: ranks resumed from different checkpoints would silently train
+        different models. Otherwise every rank stops with one line before the first step."""
+        found, mine = None, ("none",)
+        try:
+            found = self._choose_checkpoint(resume)
+        except CheckpointError as exc:
+            if not self.dist.distributed:
+                raise
+            mine = ("error", str(exc))
+        if found is not None:
+            path, ckpt = found
+            digest = file_digest(path) if self.dist.distributed else ""
+            mine = ("checkpoint", (int(ckpt["epoch"]), int(ckpt["iter"])), digest, str(path))
+        everyone = gather_from_every_rank(mine, self.dist)
+        failed = [(rank, theirs[1]) for rank, theirs in enumerate(everyone) if theirs[0] == "error"]
+        if failed:
+            rank, message = failed[0]
+            raise self._said_once(CheckpointError(message if rank == 0 else f"rank {rank}: {message}"))
+        choices: dict[tuple, list[int]] = {}
+        for rank, theirs in enumerate(everyone):
+            choices.setdefault(theirs[:3], []).append(rank)
+        if len(choices) > 1:
+            listed = "; ".join(_describe_choice(choice, ranks, everyone[ranks[0]]) for choice, ranks in choices.items())
+            raise self._said_once(ConfigError(
+                f"the ranks would resume from different checkpoints ({listed}): give every node the same --output "
+                "on a shared file system, or the same --resume file"))
+        return found
+
     def _resume(self, resume: Optional[str]) -> None:
         if resume is None:
             return
-        if resume == "auto":
-            found = self.run_dir.load_latest()
-            if found is None:
-                self.log(f"[pretrain] no checkpoint in {self.output}: starting from scratch")
-                return
-            path, ckpt = found
-        else:
-            path = Path(resume).expanduser()
-            ckpt = load_run_checkpoint(path)
+        found = self._agree_on_checkpoint(resume)
+        if found is None:
+            self.log(f"[pretrain] no checkpoint in {self.output}: starting from scratch")
+            return
+        path, ckpt = found
         saved_batch = (ckpt.get("config") or {}).get("batch_size", self.cfg["batch_size"])
         if saved_batch != self.cfg["batch_size"]:
             raise ConfigError(f"{path} was trained with batch_size={saved_batch}, this run has "
@@ -338,14 +375,28 @@ class Pretrainer:
         write_atomic(self.output / "config.yaml", lambda f: f.write(text.encode()))
 
     def _divergence_message(self, exc: NonFiniteLossError) -> str:
-        kept = self.run_dir.checkpoints()
+        """The way out, which works when followed literally: resume from the newest checkpoint
+        confirmed good (:meth:`RunDirectory.confirmed`), or start again when there is none."""
         lower = f"lr={self.peak_lr / 10:.3g} warmup_epochs={max(1, self.cfg['warmup_epochs'] * 2)}"
-        if not kept:
-            advice = f"no checkpoint was written yet: start again with a smaller lr or a longer warm-up, e.g. {lower}"
+        kept = self.run_dir.checkpoints()
+        confirmed = self.run_dir.confirmed(self.cfg["max_loss"], self.iters_per_epoch)
+        if confirmed:
+            (epoch, i), path = confirmed[0]
+            advice = (f"kept checkpoints: {self.run_dir.describe()}; resume from the newest confirmed good (epoch "
+                      f"{epoch} iteration {i}) with a smaller lr or a longer warm-up, e.g. --resume {path} {lower}")
+        elif kept:
+            advice = (f"no kept checkpoint is confirmed good (a loss computed from its weights was never finite and "
+                      f"under max_loss: {self.run_dir.describe()}): start a new run in another folder with a smaller "
+                      f"lr or a longer warm-up, e.g. --output {self._restart_folder()} {lower}")
         else:
-            advice = (f"kept checkpoints: {self.run_dir.describe()}; resume from the earliest with a smaller lr or a "
-                      f"longer warm-up, e.g. --resume {kept[-1]} {lower}")
+            advice = f"no checkpoint was written yet: start again with a smaller lr or a longer warm-up, e.g. {lower}"
         return f"training diverged: {exc}; {advice}"
+
+    def _restart_folder(self) -> Path:
+        """A folder beside this one that holds nothing yet: ``<name>-restart``, ``<name>-restart2``, ..."""
+        stem = re.sub(r"-restart\d*$", "", self.output.name)
+        candidates = (self.output.with_name(f"{stem}-restart{n if n > 1 else ''}") for n in itertools.count(1))
+        return next(path for path in candidates if not path.exists())
 
     # ------------------------------------------------------------------------------------------
     # The run
@@ -478,6 +529,15 @@ class Pretrainer:
         self.log(f"[pretrain] done; {len(self.skipped)} unreadable image file(s) skipped; outputs in {self.output}")
         return PretrainResult(self.output, encoder, state["epoch"], state["done"], stopped, len(self.skipped),
                               state["loss"])
+
+
+def _describe_choice(choice: tuple, ranks: list[int], first: tuple) -> str:
+    """'ranks 0,1 from PATH (epoch E iteration I, sha256 ...)' for the checkpoint-agreement error."""
+    who = ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks[:8])) + ("..." if len(ranks) > 8 else "")
+    if choice[0] == "none":
+        return f"{who} from scratch (no checkpoint)"
+    (epoch, i), digest = choice[1], choice[2]
+    return f"{who} from {first[3]} (epoch {epoch} iteration {i}, sha256 {digest[:12]})"
 
 
 def pretrain(config: dict[str, Any], data: PathLike, output: PathLike, **kwargs: Any) -> PretrainResult:

@@ -1,6 +1,6 @@
 """The run folder: owned by one run at a time, with checkpoints that survive kills, rot and divergence.
 
-    checkpoint-last.pth                 the newest checkpoint
+    checkpoint-last.pth                 the newest checkpoint (replaced only by a complete new one)
     checkpoint-epochEEEE-iterIIIIII.pth the ``keep_checkpoints - 1`` before it, by position
     metrics.jsonl                       one line per optimizer step, rewound on resume
     diverged.json                       where and with which config the run diverged
@@ -11,8 +11,10 @@ Only the main rank touches the folder; every method here is called there.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import math
 import os
 import re
 import socket
@@ -23,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..errors import CheckpointError, ConfigError, OutputError, RunLockedError
-from ..io import PathLike, load_file, remove_stale_temporaries, save_atomic, write_atomic
+from ..io import TEMPORARY_SUFFIX, PathLike, load_file, remove_stale_temporaries, save_atomic, write_atomic
 from .checkpoint import LAST_CHECKPOINT
 
 LOCK_NAME = ".spark-det.lock"
@@ -125,6 +127,30 @@ class RunDirectory:
         last = self.folder / LAST_CHECKPOINT
         return ([last] if last.is_file() else []) + [path for _, path in self.numbered()]
 
+    def positioned(self) -> list[tuple[Position, Path]]:
+        """Every checkpoint whose position is known (``checkpoint-last.pth``'s read from the
+        file if need be), newest first."""
+        last = self.folder / LAST_CHECKPOINT
+        where = (self.last_position or _position_of(last)) if last.is_file() else None
+        return ([(where, last)] if where else []) + self.numbered()
+
+    def confirmed(self, max_loss: Optional[float], iters_per_epoch: int) -> list[tuple[Position, Path]]:
+        """The checkpoints confirmed good, newest first: the loss computed from the checkpoint's
+        weights (the next iteration's, logged in ``metrics.jsonl`` at the checkpoint's position)
+        was finite and not above ``max_loss``. Finite weights are not enough: weights of magnitude
+        1e6 are finite, and the loss they give is not."""
+        good = set()
+        for record in self._metric_records():
+            loss = record.get("loss")
+            if isinstance(loss, (int, float)) and math.isfinite(loss) and (max_loss is None or loss <= max_loss):
+                good.add((record["epoch"], record["iter"]))
+        found = []
+        for (epoch, i), path in self.positioned():
+            first_loss_at = (epoch + 1, 0) if i >= iters_per_epoch else (epoch, i)
+            if first_loss_at in good:
+                found.append(((epoch, i), path))
+        return found
+
     def describe(self) -> str:
         """The kept checkpoints and their positions, newest first, for messages."""
         items = []
@@ -157,17 +183,21 @@ class RunDirectory:
         return None
 
     def save(self, state: dict[str, Any], position: Position) -> Path:
-        """Write ``checkpoint-last.pth`` atomically, first keeping the previous one under its
-        position's name, and drop checkpoints beyond ``keep_checkpoints``."""
+        """Write ``checkpoint-last.pth`` atomically and only then keep the previous one under its
+        position's name, and drop checkpoints beyond ``keep_checkpoints``. A write that fails (a
+        full disk) or is killed leaves ``checkpoint-last.pth`` exactly as it was."""
         last = self.folder / LAST_CHECKPOINT
         if position == self.last_position and last.is_file():
             return last  # this very state is already saved
-        if self.keep > 1 and last.is_file():
-            previous = self.last_position or _position_of(last)
-            # A last checkpoint that cannot be read is set aside, not deleted: nothing is lost.
-            target = numbered_checkpoint(previous) if previous else LAST_CHECKPOINT + ".unreadable"
-            _rename(last, self.folder / target)
-        save_atomic(state, last)
+
+        def keep_previous() -> None:  # the new file is complete: now rotate
+            if self.keep > 1 and last.is_file():
+                previous = self.last_position or _position_of(last)
+                # A last checkpoint that cannot be read is set aside, not deleted: nothing is lost.
+                _keep_as(last, self.folder / (numbered_checkpoint(previous) if previous
+                                              else LAST_CHECKPOINT + ".unreadable"))
+
+        save_atomic(state, last, before_replace=keep_previous)
         self.last_position = position
         for _, path in self.numbered()[max(self.keep - 1, 0):]:
             path.unlink(missing_ok=True)
@@ -201,20 +231,28 @@ class RunDirectory:
             self.log(f"[pretrain] removed {count} temporary file(s) ({size / 2**20:.1f} MiB) left by an "
                      "interrupted write")
 
+    def _metric_records(self) -> list[dict[str, Any]]:
+        """The lines of ``metrics.jsonl`` that parse and have a position (a kill may cut one short)."""
+        path = self.folder / METRICS
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                record["epoch"], record["iter"] = int(record["epoch"]), int(record["iter"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            records.append(record)
+        return records
+
     def rewind_metrics(self, position: Position) -> None:
         """Drop metric lines at or after ``position`` (and a line a kill cut short): after a resume
         each iteration is logged once."""
         path = self.folder / METRICS
         if not path.is_file():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                if (record["epoch"], record["iter"]) < tuple(position):
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
+        kept = [json.dumps(r) + "\n" for r in self._metric_records() if (r["epoch"], r["iter"]) < tuple(position)]
         write_atomic(path, lambda f: f.write("".join(kept).encode()))
 
     def record_divergence(self, cfg: dict[str, Any], position: Position, message: str) -> None:
@@ -260,6 +298,26 @@ def _position_of(path: Path) -> Optional[Position]:
         return int(ckpt["epoch"]), int(ckpt["iter"])
     except Exception:  # noqa: BLE001 - any unreadable file is set aside the same way
         return None
+
+
+def _keep_as(last: Path, target: Path) -> None:
+    """Give ``last`` the name ``target`` too, leaving it in place until the new last checkpoint is
+    renamed over it: a hard link (made under a temporary name, then renamed, so an older file of
+    that name is replaced atomically). Where the file system has no hard links, ``last`` is
+    renamed instead; a kill between that rename and the next leaves only the numbered copy."""
+    link = target.with_name(f".{target.name}.{os.getpid()}.link{TEMPORARY_SUFFIX}")
+    try:
+        os.link(last, link)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        os.replace(last, target)
+        return
+    try:
+        os.replace(link, target)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
 
 
 def _rename(source: Path, target: Path) -> None:

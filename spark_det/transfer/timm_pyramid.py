@@ -56,6 +56,26 @@ class TimmPyramid(nn.Module):
         self.model.prune_intermediate_layers(NUM_LEVELS, prune_norm=False, prune_head=True)
         return sorted(before - set(self.model.state_dict()))
 
+    def parameter_depths(self) -> dict[str, int]:
+        """Each parameter's depth, for layer-wise lr decay: 0 for the stem (everything before the
+        first pyramid level's module), k = 1..4 for the parameters up to the end of level k's module
+        (strides 4, 8, 16, 32), the modules named by timm's ``feature_info``. Names are this
+        module's (``model.`` + timm's); parameters are in registration order, which timm keeps
+        in forward order."""
+        modules = [str(i["module"]) for i in self.model.feature_info[-NUM_LEVELS:]]
+        names = [name for name, _ in self.model.named_parameters()]
+        ends, end = [], -1  # index of the last parameter of each level's module
+        for module in modules:
+            inside = [i for i, name in enumerate(names) if name.startswith(module + ".")]
+            end = max(inside, default=end)
+            ends.append(end)
+        first = min((i for i, name in enumerate(names) if name.startswith(modules[0] + ".")), default=0)
+        depths = {}
+        for i, name in enumerate(names):
+            level = next((k + 1 for k, last in enumerate(ends) if i <= last), NUM_LEVELS)
+            depths[f"model.{name}"] = 0 if i < first else level
+        return depths
+
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x, indices=NUM_LEVELS, intermediates_only=True)
 

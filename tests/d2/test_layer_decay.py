@@ -79,3 +79,41 @@ def test_solver_clip_gradients_is_honoured(optimizer_name):
         p.grad = torch.full_like(p, 100.0)
     optimizer.step()
     assert all(p.grad.abs().min() == 100.0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b3", "regnety_040", "resnet18"])
+def test_the_generic_timm_backbone_decays_by_its_feature_info_stages(arch):
+    """At the Base config's LAYER_DECAY 0.6: stem 0.6^5, pyramid level k (the module timm's
+    feature_info names, strides 4..32) 0.6^(5-k), the heads 1 (not ResNet's rule, which left every
+    EfficientNet parameter at 1 and decayed only RegNet's stem)."""
+    import torch
+    from detectron2.config import get_cfg
+
+    from spark_det.d2 import add_spark_config, build_layer_decay_optimizer
+    from spark_det.d2.timm_backbone import TimmBackbone
+
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Module()
+    model.backbone.bottom_up = TimmBackbone(arch)
+    model.roi_heads = torch.nn.Linear(2, 2)
+    cfg = get_cfg()
+    add_spark_config(cfg)
+    cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.LAYER_DECAY = "AdamW", 1.0, 0.6
+    scale = {id(p): g["lr"] for g in build_layer_decay_optimizer(cfg, model).param_groups for p in g["params"]}
+    timm_model = model.backbone.bottom_up.model
+    levels = [info["module"] for info in timm_model.feature_info[-4:]]
+    expected = {}
+    for name, _ in timm_model.named_parameters():
+        level = next((k + 1 for k, module in enumerate(levels) if name.startswith(module + ".")), None)
+        if level is not None:
+            expected[name] = 0.6 ** (5 - level)
+    stem = next(iter(dict(timm_model.named_parameters())))  # conv_stem / stem.conv / conv1
+    expected[stem] = 0.6 ** 5
+    if arch == "efficientnet_b3":  # the blocks between the named ones: stride 2 with the stem, 16 and 32 with theirs
+        expected.update({"blocks.0.0.conv_dw.weight": 0.6 ** 5, "blocks.3.0.conv_pw.weight": 0.6 ** 2,
+                         "blocks.5.0.conv_pw.weight": 0.6 ** 1})
+    params = dict(timm_model.named_parameters())
+    for name, lr in expected.items():
+        assert scale[id(params[name])] == pytest.approx(lr), name
+    assert all(scale[id(p)] == 1.0 for p in model.roi_heads.parameters())
+    assert len(set(expected.values())) == 5  # five depths, every pyramid level and the stem

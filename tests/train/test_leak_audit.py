@@ -3,7 +3,7 @@
 The construction probe checks a model's structure with random weights once; a run then trains
 (and may load) weights that the probe never saw. The audit runs the same probe on a float64 copy
 of the live encoder, says so in the log and in ``metrics.jsonl``, and a finding stops the run with
-exit code 7 before the leaking weights are written as a checkpoint.
+exit code 8 before the leaking weights are written as a checkpoint.
 """
 
 import json
@@ -60,7 +60,7 @@ def test_loaded_weights_are_audited_before_training(images, tmp_path, capsys):
     assert "leak audit of the loaded weights: passed" in capsys.readouterr().out
 
 
-def test_a_run_whose_encoder_starts_to_leak_stops_with_exit_7_and_keeps_no_leaking_checkpoint(images, tmp_path):
+def test_a_run_whose_encoder_starts_to_leak_stops_with_exit_8_and_keeps_no_leaking_checkpoint(images, tmp_path):
     out = tmp_path / "run"
     Pretrainer(load_config(RECIPE, COMMON + ["stop_after_iters=1"]), images, out, device="cpu").run()
     before = (out / "checkpoint-last.pth").read_bytes()
@@ -69,7 +69,7 @@ def test_a_run_whose_encoder_starts_to_leak_stops_with_exit_7_and_keeps_no_leaki
     layers[0] = CountsMaskedPositions(layers[0])  # e.g. a user's block swapped in after loading
     with pytest.raises(LeakError, match=r"layer 'layer2\.0' \(CountsMaskedPositions\)") as caught:
         run.run()
-    assert caught.value.exit_code == EXIT_LEAKS == 7
+    assert caught.value.exit_code == EXIT_LEAKS == 8
     assert (out / "checkpoint-last.pth").read_bytes() == before  # nothing after the leak was kept
     assert len(records(out)) == 1  # the leaking step is not logged as a good one either
 
