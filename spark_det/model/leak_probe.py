@@ -138,7 +138,7 @@ def same_on_common_part(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def culprit(model: nn.Module, run_a: tuple, run_b: tuple, differs: Callable[[torch.Tensor, torch.Tensor], bool],
-            only: Callable[[torch.Tensor], bool] = lambda t: True) -> Optional[str]:
+            only: Callable[[torch.Tensor, torch.Tensor], bool] = lambda a, b: True) -> Optional[str]:
     """The module whose own code first makes runs ``a`` and ``b`` differ.
 
     The first module (in finishing order) whose output differs is where the difference shows; if
@@ -150,7 +150,8 @@ def culprit(model: nn.Module, run_a: tuple, run_b: tuple, differs: Callable[[tor
     _, inputs_b, outputs_b, _ = run_b
 
     def changed(store_a: dict, store_b: dict, name: str) -> bool:
-        return name in store_a and name in store_b and only(store_a[name]) and differs(store_a[name], store_b[name])
+        return name in store_a and name in store_b and only(store_a[name], store_b[name]) \
+            and differs(store_a[name], store_b[name])
 
     first = next((n for n in finished if changed(outputs_a, outputs_b, n)), None)
     if first is None:
@@ -168,8 +169,9 @@ def _names(model: nn.Module, name: Optional[str]) -> str:
         f"the model's own code ({type(model).__qualname__})"
 
 
-def _pooled(t: torch.Tensor) -> bool:
-    return is_pooled(tuple(t.shape))
+def _pooled(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Pooled vectors (the same shape in both runs; a map that is 1x1 in one run is still a map)."""
+    return a.shape == b.shape and is_pooled(tuple(a.shape))
 
 
 @torch.no_grad()

@@ -319,7 +319,10 @@ def sparsify(
             if isinstance(new, VisibleReductions):
                 new.sparse_name = prefix
             return new
-        if not children and chosen and not isinstance(parent, SparseLayer):
+        # a leaf, or a module made only of activations around its own code (timm's StarReLU:
+        # s * relu(x)**2 + b, whose trained bias would fill masked positions)
+        leaf_like = not children or all(isinstance(m, POINTWISE_LAYERS) for m in parent.modules() if m is not parent)
+        if leaf_like and chosen and not isinstance(parent, SparseLayer):
             if isinstance(parent, POINTWISE_LAYERS):
                 return parent
             layout = acts_per_position(parent, probe.inputs[prefix]) if probe and probe.inputs.get(prefix) else None

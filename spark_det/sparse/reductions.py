@@ -246,10 +246,11 @@ class PositionMode(TorchFunctionMode):
         return entry[1] if entry is not None and entry[0] is x else None
 
     def tag_input_map(self, x: Any, zero_masked: bool = True) -> None:
-        """The module's input: a [B, C, H, W] map (positions last) or [B, H, W, C] (channels last)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-2:] == (1, 1):
+        """The module's input: a [B, C, H, W] map, or [B, paths, C, H, W] (selective kernels' stacked paths)."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 4 or x.shape[-2:] == (1, 1):
             return
-        self.tag(x, Track(("b", None, "h", "w"), (int(x.shape[-2]), int(x.shape[-1])), zero_masked))
+        labels = ("b",) + (None,) * (x.dim() - 3) + ("h", "w")
+        self.tag(x, Track(labels, (int(x.shape[-2]), int(x.shape[-1])), zero_masked))
 
     def _where(self) -> tuple[str, Optional[nn.Module]]:
         if self.audit is not None:

@@ -130,8 +130,7 @@ def resnet_with(block: type) -> nn.Module:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("block", CONVERTED, ids=lambda b: b.__name__)
 def test_a_reduction_over_positions_is_taken_over_visible_positions(block, impl):
-    encoder = SparseEncoder(resnet_with(block), impl=impl)  # the construction probe passes
-    assert find_leak(encoder, randomise=True, seed=3) is None  # and with other random weights
+    encoder = SparseEncoder(resnet_with(block), impl=impl)  # the probe passes, every weight randomised
     assert_equals_dense_with_every_patch_visible(encoder, resnet_with(block))
 
 
