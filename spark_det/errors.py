@@ -46,6 +46,12 @@ class CheckpointError(SparkDetError, ValueError):
     exit_code = EXIT_BAD_FILE
 
 
+class InputFileError(SparkDetError, ValueError):
+    """A data or annotation file is missing, unreadable or not of the expected format (e.g. COCO JSON)."""
+
+    exit_code = EXIT_BAD_FILE
+
+
 class ConfigError(SparkDetError, ValueError):
     """A recipe, an override or an argument is invalid."""
 
