@@ -71,14 +71,15 @@ def resnet_depth(model: str) -> int:
 
 
 def check_weights(path: Path, model: str, what: str) -> None:
-    """Refuse a checkpoint that does not hold ``model``'s whole backbone (before any training)."""
+    """Refuse a checkpoint that does not hold ``model``'s whole backbone (before any training); ``what``
+    names the file as the user gave it."""
     from ..io import load_file
     from ..transfer.convert import convert
 
     try:
         convert(load_file(path), "timm", model)
     except CheckpointError as exc:
-        raise CheckpointError(f"{what} {path} does not fit --model {model}: {exc}") from exc
+        raise CheckpointError(f"{what} does not fit --model {model}: {exc}") from exc
 
 
 def check_frameworks(frameworks: list[str]) -> None:

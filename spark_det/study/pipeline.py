@@ -121,20 +121,19 @@ class Study:
         check_splits(self.train, self.val)
         for init in self.inits:
             if init.path is not None:
-                check_weights(init.path, s.model, f"--init {init.kind}:")
+                check_weights(init.path, s.model, f"--init {init.kind}:{init.path}")
         self.pretrains = any(i.kind == "spark" for i in self.inits) and not s.spark_weights
         self.pretrain_cfg = self._check_pretraining() if self.pretrains else None
         if s.spark_weights:
-            check_weights(Path(s.spark_weights).expanduser(), s.model, "--spark-weights")
+            check_weights(Path(s.spark_weights).expanduser(), s.model, f"--spark-weights {s.spark_weights}")
         check_frameworks(s.frameworks)
         self.num_gpus = s.num_gpus if s.num_gpus is not None else _visible_gpus()
         batch = s.batch or 2 * max(1, self.num_gpus)
         if self.num_gpus > 1 and batch % self.num_gpus:
             raise ConfigError(f"--batch {batch} must divide by --num-gpus {self.num_gpus}")
-        self.recipes = {p: Recipe(depth=self.depth, protocol=p, iters=s.iters or default_iters(self.train.num_images,
-                                                                                              batch),
-                                  batch=batch, image_size=s.image_size or default_image_size(
-                                      self.train.median_short_side),
+        iters = s.iters or default_iters(self.train.num_images, batch)
+        size = s.image_size or default_image_size(self.train.median_short_side)
+        self.recipes = {p: Recipe(depth=self.depth, protocol=p, iters=iters, batch=batch, image_size=size,
                                   num_classes=len(self.train.categories), masks=self.train.has_masks,
                                   num_gpus=self.num_gpus) for p in s.protocols}
         self.out = Path(s.output).expanduser().resolve()
@@ -150,7 +149,7 @@ class Study:
         if not recipe.is_file():
             raise ConfigError(f"pretraining recipe {recipe} does not exist (see pretrain/)")
         if s.init_weights:
-            check_weights(Path(s.init_weights).expanduser(), s.model, "--init-weights")
+            check_weights(Path(s.init_weights).expanduser(), s.model, f"--init-weights {s.init_weights}")
         cfg = load_config(recipe, [*s.pretrain_overrides, f"seed={s.pretrain_seed}"])
         if cfg["model"] != s.model:
             raise ConfigError(f"the pretraining recipe {recipe} is for {cfg['model']}; the study's --model is "

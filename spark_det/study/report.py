@@ -204,8 +204,9 @@ def plot_ap(summary: list[dict], file) -> None:
                    yerr=[stats[k]["std"] for k in groups if k in stats], label=init)
         ax.set_xticks(range(len(groups)), [f"{fw}\n{protocol}" for fw, protocol in groups], fontsize=8)
         ax.set_title(metric.replace("_", " ") + " (mean ± std over seeds)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(inits), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(file, format="png", dpi=100)
     plt.close(fig)
 
