@@ -251,3 +251,20 @@ def test_a_killed_study_of_three_inits_resumes_and_reports_the_runs_own_metrics(
     assert "rests on one seed" in report["verdict"]
     for name in ("ap.png", "pretrain_loss.png", "reconstruction.png"):
         assert (out / name).stat().st_size > 1000
+
+
+@pytest.mark.timeout(120)
+def test_stages_run_at_most_max_parallel_jobs_at_once_and_return_when_all_are_done(tmp_path):
+    from spark_det.study.stages import Job, Stages
+
+    code = ("import sys, time; t0 = time.time(); time.sleep(0.5); "
+            "open(sys.argv[1], 'w').write(f'{t0} {time.time()}')")
+    jobs = [Job(f"job {i}", [sys.executable, "-c", code, tmp_path / f"{i}.times"], log=tmp_path / f"{i}.log")
+            for i in range(5)]
+    stages = Stages({"three": 1.0, "five": 1.0})
+    stages.run("three", jobs[:3])  # all at once
+    stages.run("five", jobs, max_parallel=2)
+    spans = [tuple(map(float, (tmp_path / f"{i}.times").read_text().split())) for i in range(5)]
+    most = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
+    assert most == 2  # two at a time, never three
+    assert set(stages.times) == {"three", "five"}

@@ -116,10 +116,12 @@ class Stages:
             env.update(OMP_NUM_THREADS=str(threads_per_job), MKL_NUM_THREADS=str(threads_per_job))
         waiting, running = list(jobs), []
         try:
-            while waiting or running:
+            while True:
                 while waiting and len([r for r in running if r[2].poll() is None]) < (max_parallel or len(jobs)):
                     running.append(self._start(waiting.pop(0), env))
                 self._wait(running, t0, until_one_ends=bool(waiting))
+                if not waiting:
+                    break
         finally:
             for _, out, proc in running:
                 if proc.poll() is None:  # another job failed (or Ctrl-C): stop the rest
