@@ -163,7 +163,8 @@ def markdown(summary: list[dict], differences: list[dict], text: str, times: dic
         cells = [(f"{d[m]['mean']:+.2f}" + (f" ± {d[m]['std']:.2f}" if n > 1 else "") + f" ({d[m]['a_ahead']}/{n})"
                   + ("*" if d[m]["beyond_noise"] else "")) if m in d else "—" for m in metrics]
         lines.append(f"| {d['framework']} | {d['protocol']} | {d['a']} − {d['b']} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", text, "", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
+    lines += ["", text, "", "Stage wall times of this run, in s (stages finished by an earlier run are not listed): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
     return "\n".join(lines) + "\n"
 
 
