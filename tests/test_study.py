@@ -268,3 +268,46 @@ def test_stages_run_at_most_max_parallel_jobs_at_once_and_return_when_all_are_do
     most = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert most == 2  # two at a time, never three
     assert set(stages.times) == {"three", "five"}
+
+
+def test_a_json_without_masks_gives_faster_rcnn_in_both_frameworks(shapes, tmp_path):
+    """The study's commands for box-only data build detectors without a mask branch, scored on boxes."""
+    from spark_det.study.finetune import CocoFiles, Recipe, finetune_command
+    from spark_det.study.pipeline import repo_root
+
+    boxes = {}
+    for split in ("train", "val"):
+        coco = json.loads(Path(shapes[f"{split}_json"]).read_text())
+        for ann in coco["annotations"]:
+            del ann["segmentation"]
+        boxes[split] = tmp_path / f"{split}.json"
+        boxes[split].write_text(json.dumps(coco))
+    data = CocoFiles(boxes["train"], shapes["train_images"], boxes["val"], shapes["val_images"])
+    recipe = Recipe(depth=18, protocol="frozen", iters=10, batch=2, image_size=64, num_classes=1, masks=False)
+
+    def argv(fw):
+        return [str(c) for c in finetune_command(fw, None, 0, recipe, data, tmp_path / fw, repo_root())[4:]]
+
+    require("detectron2")
+    from detectron2.modeling import build_model
+
+    from spark_det.d2.train_net import build_config as d2_config
+    from spark_det.d2.train_net import build_parser as d2_parser
+
+    cfg = d2_config(d2_parser().parse_args(argv("detectron2")))
+    assert cfg.MODEL.MASK_ON is False and cfg.INPUT.MIN_SIZE_TEST == 64
+    assert not build_model(cfg).roi_heads.mask_on
+
+    require("mmdet")
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from spark_det.mmdet.train import build_config as mm_config
+    from spark_det.mmdet.train import build_parser as mm_parser
+
+    register_all_modules()
+    cfg = mm_config(mm_parser().parse_args(argv("mmdet")))
+    assert cfg.val_evaluator.metric == "bbox" and cfg.test_evaluator.metric == "bbox"
+    assert not cfg.train_dataloader.dataset.pipeline[1].with_mask
+    model = MODELS.build(cfg.model)
+    assert model.with_roi_head and not model.roi_head.with_mask
