@@ -5,6 +5,7 @@ image of about 125 nuclei), tiled into COCO-format crops for ``spark-det study``
 Train and val crops come from disjoint vertical bands of the image (left 5/8 and right 3/8), so no val pixel
 is trained on, apart from nuclei the band border cuts; unlabeled crops for SparK come from the train band
 only. Only the two TIFFs are read from the wheel (a zip): stardist and TensorFlow are not installed.
+``spark-det make-data --stardist-nuclei`` writes it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ STARDIST_VERSION = "0.9.2"
 
 def download_wheel(folder: Path) -> Path:
     """``pip download --no-deps stardist==0.9.2`` into ``folder`` (no install, no dependencies)."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
-                    "-d", str(folder), f"stardist=={STARDIST_VERSION}"], check=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
+                        "-d", str(folder), f"stardist=={STARDIST_VERSION}"], check=True)
+    except subprocess.CalledProcessError as exc:
+        raise InputFileError(f"pip could not download stardist=={STARDIST_VERSION} (exit {exc.returncode}): "
+                             "download the wheel elsewhere and pass it, --stardist-nuclei WHEEL") from exc
     return next(folder.glob("stardist-*.whl"))
 
 
