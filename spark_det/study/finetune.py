@@ -10,7 +10,6 @@ the study. See det_configs/README.md for why each setting is what it is.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +151,3 @@ def _mmdet_command(weights: Optional[Path], seed: int, r: Recipe, data: CocoFile
         "train-mmdet", root / MMDET_CONFIG, "--output", run_dir,
         "--coco-train", data.train_json, data.train_images, "--coco-val", data.val_json, data.val_images,
         "--cfg-options", *options, *(["--launcher", "pytorch"] if r.num_gpus > 1 else []), num_gpus=r.num_gpus)
-
-
-def num_classes(train_json: Path) -> int:
-    return len(json.loads(Path(train_json).read_text())["categories"])

@@ -28,9 +28,9 @@ from typing import Optional
 from ..errors import ConfigError, DataError, SparkDetError
 from ..io import write_atomic
 from ..train.progress import format_eta
-from .coco import CocoSplit, check_coco, check_splits, sha256
+from .coco import check_coco, check_splits, sha256
 from .finetune import FRAMEWORKS, PROTOCOLS, CocoFiles, Recipe, finetune_command, spark_det_command
-from .inits import Init, check_frameworks, check_weights, parse_inits, resnet_depth
+from .inits import check_frameworks, check_weights, parse_inits, resnet_depth
 from .report import detectron2_results, mmdet_results, plot_loss, write_report
 from .stages import Job, Stages
 
@@ -341,6 +341,3 @@ def _count_unlabeled(source: str) -> tuple[int, str]:
 def run_study(s: StudySettings) -> Path:
     """Check everything, then run (or continue) the study; returns the output folder."""
     return Study(s).run()
-
-
-__all__ = ["Init", "CocoSplit", "Study", "StudySettings", "run_study", "default_iters", "default_image_size"]
