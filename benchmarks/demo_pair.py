@@ -7,7 +7,7 @@ demo's detection settings were chosen (README "Demo results", docs/demo_tuning.m
     # MMDetection overrides are --cfg-options items
     python benchmarks/demo_pair.py --demo outputs/demo --framework mmdet --seed 1 -- optim_wrapper.optimizer.lr=0.002
 
-The two runs are exactly the demo's commands (``spark_det.demo.pipeline``), the same overrides appended
+The two runs are exactly the demo's commands (``spark_det.study.finetune``), the same overrides appended
 to both, side by side on one core each. Prints one JSON line (AP of each run, SparK minus scratch, the
 median seconds per iteration) and appends it to ``--json``. The classes come from the data (``--data``:
 a folder as ``spark-det make-data`` writes it), as in the demo.
@@ -27,11 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spark_det.demo.pipeline import INITS, DemoSettings, _finetune_command  # noqa: E402
-from spark_det.demo.report import METRICS, detectron2_results, mmdet_results  # noqa: E402
-from spark_det.demo.stages import Job, Stages  # noqa: E402
+from spark_det.demo.pipeline import FINETUNE_SIZE, INITS, DemoSettings  # noqa: E402
+from spark_det.study.finetune import CocoFiles, Recipe, finetune_command  # noqa: E402
+from spark_det.study.report import METRICS, detectron2_results, mmdet_results  # noqa: E402
+from spark_det.study.stages import Job, Stages  # noqa: E402
 
-WEIGHTS = {"detectron2": "r18_spark.pkl", "mmdet": "r18_spark_mmdet.pth"}
+WEIGHTS = {"detectron2": "spark_resnet18.pkl", "mmdet": "spark_resnet18_mmdet.pth"}  # the study's names
 
 
 def seconds_per_iteration(run_dir: Path, framework: str) -> float:
@@ -49,7 +50,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", type=Path, required=True, help="a demo's output folder (its data/ and weights/)")
     p.add_argument("--data", type=Path, help="labeled data folder instead of the demo's data/")
-    p.add_argument("--weights", type=Path, help="folder with r18_spark.pkl / r18_spark_mmdet.pth instead of the demo's")
+    p.add_argument("--weights", type=Path,
+                   help="folder with spark_resnet18.pkl / spark_resnet18_mmdet.pth instead of the demo's")
     p.add_argument("--framework", choices=sorted(WEIGHTS), required=True)
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (both runs)")
     p.add_argument("--iters", type=int, default=DemoSettings.finetune_iters)
@@ -61,15 +63,18 @@ def main() -> None:
     a = p.parse_args()
 
     data_root = (a.data or a.demo / "data").resolve()
-    data = {"train_json": data_root / "annotations" / "instances_train.json", "train_images": data_root / "train",
-            "val_json": data_root / "annotations" / "instances_val.json", "val_images": data_root / "val"}
+    data = CocoFiles(data_root / "annotations" / "instances_train.json", data_root / "train",
+                     data_root / "annotations" / "instances_val.json", data_root / "val")
     weights = ((a.weights or a.demo / "weights") / WEIGHTS[a.framework]).resolve()
-    settings = DemoSettings(protocol=a.protocol, finetune_iters=a.iters, finetune_batch=a.batch)
+    classes = len(json.loads(data.train_json.read_text())["categories"])
+    recipe = Recipe(depth=18, protocol=a.protocol, iters=a.iters, batch=a.batch, image_size=FINETUNE_SIZE,
+                    num_classes=classes)
     jobs = []
     for init in INITS:
         run_dir = (a.output / f"{a.framework}_{init}_seed{a.seed}").resolve()
         shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = _finetune_command(a.framework, init, a.seed, settings, data, weights, run_dir, ROOT) + a.overrides
+        cmd = finetune_command(a.framework, weights if init == "spark" else None, a.seed, recipe, data, run_dir,
+                               ROOT) + a.overrides
         jobs.append(Job(f"{a.framework} {init}", cmd, log=run_dir / "train.log", total_iters=a.iters))
     stages = Stages({"pair": 0.0}, env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
     stages.run("pair", jobs, threads_per_job=max(1, (os.cpu_count() or 2) // 2))

@@ -54,7 +54,8 @@ def test_demo_pair_runs_the_demos_two_fine_tunes_with_the_same_overrides_and_rep
     run("-m", "spark_det", "make-data", "--num-train", "4", "--num-val", "2", "--single-class", demo / "data")
     encoder = tmp_path / "encoder-resnet18.pth"
     torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), encoder)
-    run("-m", "spark_det", "convert", encoder, "--to", "detectron2", "--output", demo / "weights" / "r18_spark.pkl")
+    run("-m", "spark_det", "convert", encoder, "--to", "detectron2",
+        "--output", demo / "weights" / "spark_resnet18.pkl")  # the name the study gives the demo's weights
     results = tmp_path / "pairs.jsonl"
     out = run("benchmarks/demo_pair.py", "--demo", demo, "--framework", "detectron2", "--seed", "2", "--iters", "6",
               "--output", tmp_path / "runs", "--json", results, "--", "SOLVER.BASE_LR", "0.001")

@@ -1,4 +1,5 @@
-"""A shrunk `make demo` runs end to end and leaves every artifact with sane content."""
+"""A shrunk `make demo` (the study on the built-in data) runs end to end and leaves every artifact with sane
+content; the demo's SparK and scratch runs get the same config, budget and images in the same order."""
 
 import json
 import math
@@ -29,7 +30,7 @@ def test_shrunk_demo_produces_the_table_and_the_plots(tmp_path):
     assert "=== SparK pretraining:" in stdout and "done in" in stdout
     # readable in a log file: plain lines only, each stage with its wall time and the time left
     assert "\r" not in stdout
-    ends = [line for line in stdout.splitlines() if line.startswith("=== ") and " s (demo " in line]
+    ends = [line for line in stdout.splitlines() if line.startswith("=== ") and " s (study " in line]
     assert len(ends) == 5 and all(" left)" in line for line in ends), ends  # data, pretrain, convert, 2 pairs
     assert ends[-1].endswith("about 0:00:00 left)")
     report = json.loads((out / "results.json").read_text())
@@ -38,35 +39,19 @@ def test_shrunk_demo_produces_the_table_and_the_plots(tmp_path):
     for row in report["results"]:
         for key in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"):
             assert 0.0 <= row[key] <= 100.0 and not math.isnan(row[key])
-    assert set(report["paired_differences"]) == {"detectron2", "mmdet"}
+    assert [(d["framework"], d["a"], d["b"]) for d in report["paired_differences"]] == [
+        ("detectron2", "spark", "scratch"), ("mmdet", "spark", "scratch")]
     means, differences = _markdown_tables((out / "results.md").read_text())
     assert len(means) == 4
-    for cells in means:  # framework, init, seeds, then four numbers
-        assert all(float(c) >= 0 for c in cells[3:])
+    for cells in means:  # framework, protocol, init, seeds, then six numbers
+        assert cells[1] == "frozen" and len(cells) == 10 and all(float(c) >= 0 for c in cells[4:])
     assert [cells[0] for cells in differences] == ["detectron2", "mmdet"]
-    for cells in differences:  # framework, seeds, then "SparK - scratch (seeds ahead/seeds)" per metric
-        assert all(c.endswith("/1)") and math.isfinite(float(c.split()[0])) for c in cells[2:])
+    for cells in differences:  # framework, protocol, pair, seeds, then "SparK - scratch (seeds ahead/seeds)" per metric
+        assert cells[2] == "spark − scratch"
+        assert all(c.endswith("/1)") and math.isfinite(float(c.split()[0])) for c in cells[4:])
     for name in ("ap.png", "pretrain_loss.png", "reconstruction.png"):
         with Image.open(out / name) as img:
             assert img.size[0] > 100 and img.size[1] > 100
-
-
-def test_spark_is_compared_with_scratch_seed_by_seed():
-    from spark_det.demo.report import paired_differences
-
-    def run(fw, init, seed, ap):
-        return {"framework": fw, "init": init, "seed": seed, "box_AP": ap, "box_AP50": ap, "mask_AP": ap,
-                "mask_AP50": ap}
-
-    results = [run("mmdet", "spark", 0, 5.0), run("mmdet", "scratch", 0, 3.0),
-               run("mmdet", "spark", 1, 2.0), run("mmdet", "scratch", 1, 3.0),
-               run("mmdet", "scratch", 2, 9.0),  # no SparK run with seed 2: left out of the pairs
-               run("detectron2", "spark", 0, 1.0)]  # no pair at all: no entry
-    differences = paired_differences(results)
-    assert set(differences) == {"mmdet"}
-    box = differences["mmdet"]["box_AP"]
-    assert differences["mmdet"]["seeds"] == [0, 1] and box["spark_ahead"] == 1
-    assert box["mean"] == pytest.approx(0.5) and box["std"] == pytest.approx(math.sqrt(4.5))  # diffs +2, -1
 
 
 def _mmdet_run(tmp_path: Path, log: str) -> Path:
@@ -79,16 +64,17 @@ def _mmdet_run(tmp_path: Path, log: str) -> Path:
 
 
 def test_an_mmdet_run_without_detections_scores_zero_ap(tmp_path):
-    from spark_det.demo.report import mmdet_results
+    from spark_det.study.report import METRICS, mmdet_results
 
     work_dir = _mmdet_run(tmp_path, "mmengine - ERROR - coco_metric.py - compute_metrics - 465 - The testing "
                                     "results of the whole dataset is empty.\n")
-    assert mmdet_results(work_dir) == {"box_AP": 0.0, "box_AP50": 0.0, "mask_AP": 0.0, "mask_AP50": 0.0}
+    assert mmdet_results(work_dir) == dict.fromkeys(METRICS, 0.0)
+    assert mmdet_results(work_dir, masks=False) == {"box_AP": 0.0, "box_AP50": 0.0, "box_AP75": 0.0}
 
 
 def test_an_mmdet_run_that_never_evaluated_is_an_error_not_a_zero(tmp_path):
-    from spark_det.demo.report import mmdet_results
     from spark_det.errors import SparkDetError
+    from spark_det.study.report import mmdet_results
 
     with pytest.raises(SparkDetError, match="no COCO evaluation"):
         mmdet_results(_mmdet_run(tmp_path, "mmengine - INFO - Iter(train) [10/400]\n"))
@@ -111,28 +97,33 @@ def _markdown_tables(text: str) -> list[list[list[str]]]:
 
 @pytest.fixture(scope="module")
 def demo_pairs(tmp_path_factory):
-    """The demo's SparK and scratch fine-tune commands for each framework, on a tiny data set."""
-    from spark_det.demo.pipeline import DemoSettings, _pair_jobs, repo_root
+    """The demo's SparK and scratch fine-tune commands for each framework (the study's, with the demo's
+    settings), on a tiny data set."""
+    require("detectron2")
+    require("mmdet")
+    from spark_det.demo.pipeline import DemoSettings, study_settings
     from spark_det.demo.synthetic import make_dataset
+    from spark_det.study.pipeline import Study, repo_root
 
     folder = tmp_path_factory.mktemp("pairs")
-    data = make_dataset(folder / "data", num_train=12, num_val=2, image_size=(64, 64), seed=0)
-    settings = DemoSettings(finetune_iters=30, finetune_batch=4)
-    weights = {"detectron2": folder / "r18_spark.pkl", "mmdet": folder / "r18_spark_mmdet.pth"}
-    return {fw: [job.cmd[4:] for job in _pair_jobs(fw, 3, settings, data, weights[fw], folder, repo_root())]
-            for fw in ("detectron2", "mmdet")}
+    data = make_dataset(folder / "data", num_train=12, num_val=2, num_unlabeled=4, image_size=(64, 64), seed=0)
+    settings = DemoSettings(output=str(folder / "demo"), finetune_iters=30, finetune_batch=4, seeds=[3])
+    study = Study(study_settings(settings, data, repo_root()))
+    weights = {("spark", "detectron2"): folder / "r18_spark.pkl", ("spark", "mmdet"): folder / "r18_spark_mmdet.pth",
+               ("scratch", "detectron2"): None, ("scratch", "mmdet"): None}
+    return {fw: [cmd[4:] for _, cmd in study.commands("frozen", 3, fw, weights)] for fw in ("detectron2", "mmdet")}
 
 
 def test_only_the_frozen_protocol_changes_mmdetections_lr_and_residual_init(tmp_path):
     """The longer benchmark (full fine-tuning) keeps the config's lr and init, as it was measured with."""
-    from spark_det.demo.pipeline import FROZEN_MMDET_LR, DemoSettings, _finetune_command
+    from spark_det.study.finetune import FROZEN_MMDET_LR, CocoFiles, Recipe, finetune_command
 
-    data = {k: tmp_path / k for k in ("train_json", "train_images", "val_json", "val_images")}
+    data = CocoFiles(*(tmp_path / k for k in ("train_json", "train_images", "val_json", "val_images")))
     frozen = [f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}", "model.backbone.zero_init_residual=False"]
     for protocol, expected in (("frozen", frozen), ("full", [])):
-        for init in ("spark", "scratch"):
-            cmd = _finetune_command("mmdet", init, 0, DemoSettings(protocol=protocol), data, tmp_path / "w.pth",
-                                    tmp_path / "run", tmp_path)
+        recipe = Recipe(depth=18, protocol=protocol, iters=500, batch=2, image_size=96, num_classes=1)
+        for weights in (tmp_path / "w.pth", None):
+            cmd = finetune_command("mmdet", weights, 0, recipe, data, tmp_path / "run", tmp_path)
             assert [c for c in map(str, cmd) if c.startswith(("optim_wrapper.", "model.backbone.zero"))] == expected
 
 
@@ -204,8 +195,8 @@ def test_mmdet_spark_and_scratch_get_the_same_budget_and_the_same_images_in_the_
     from mmdet.utils import register_all_modules
     from mmengine.runner import Runner, set_random_seed
 
-    from spark_det.demo.pipeline import FROZEN_MMDET_LR
     from spark_det.mmdet.train import build_config, build_parser
+    from spark_det.study.finetune import FROZEN_MMDET_LR
 
     register_all_modules()
     spark, scratch = (build_config(build_parser().parse_args(list(map(str, argv)))) for argv in demo_pairs["mmdet"])

@@ -1,6 +1,7 @@
 """The ``spark-det`` command: one subcommand per tool, each a thin layer over the library.
 
-    spark-det pretrain | pack-shards | convert | visualize | demo | make-data | collect-env | train-det2 | train-mmdet
+    spark-det pretrain | pack-shards | convert | visualize | study | demo | make-data | collect-env
+              | train-det2 | train-mmdet
 
 ``tools/<name>.py`` runs the same code. Subcommand modules are imported only when used, so
 ``spark-det pretrain`` never imports a detection framework.
@@ -21,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("spark_det.cli.convert", "convert weights for Detectron2, MMDetection, timm or torchvision"),
     "pack-shards": ("spark_det.cli.pack_shards", "pack a folder of images into WebDataset shards for pretraining"),
     "visualize": ("spark_det.cli.visualize", "reconstruction grid from a pretraining checkpoint"),
-    "demo": ("spark_det.cli.demo", "synthetic data -> pretraining -> conversion -> Mask R-CNN, with a report"),
+    "study": ("spark_det.cli.study", "does SparK on my unlabeled images beat scratch / supervised weights? (report)"),
+    "demo": ("spark_det.cli.demo", "the study on built-in synthetic data (what `make demo` runs)"),
     "make-data": ("spark_det.cli.make_data", "write the synthetic COCO-format data set"),
     "collect-env": ("spark_det.cli.collect_env", "print the software stack (for bug reports)"),
     "train-det2": ("spark_det.d2.train_net", "Detectron2 training / evaluation with spark-det's configs"),

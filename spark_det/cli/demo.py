@@ -1,12 +1,14 @@
-"""The whole idea on one CPU: SparK pretraining -> weight conversion -> Mask R-CNN transfer.
+"""The whole idea on one CPU: SparK pretraining -> weight conversion -> Mask R-CNN transfer; this is
+``spark-det study`` on built-in synthetic data (one pipeline: the demo's runs are the study's).
 
     spark-det demo --output outputs/demo          # what `make demo` runs (~10 min on 2 idle cores)
     spark-det demo --seeds 1 --pretrain-seed 1 --output outputs/demo_seed1   # the same demo, another seed
     spark-det demo --output outputs/long --protocol full --num-unlabeled 4000 --pretrain-epochs 3 \\
         --finetune-iters 500 --seeds 0 1 2         # the longer benchmark in the README (~40 min)
 
-Writes results.md / results.json (box AP, mask AP, AP50 per framework and initialisation),
-ap.png, pretrain_loss.png and reconstruction.png to --output. Needs Detectron2 and MMDetection.
+Writes results.md / results.json (box and mask AP, AP50, AP75 per framework and initialisation, SparK
+minus scratch paired by seed, a verdict), ap.png, pretrain_loss.png and reconstruction.png to --output.
+Run it again and it reuses finished runs (delete --output to start over). Needs Detectron2 and MMDetection.
 """
 
 from __future__ import annotations

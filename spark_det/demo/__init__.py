@@ -1,3 +1,3 @@
-"""Built-in data and the end-to-end demo: synthetic COCO-format scenes (:mod:`.synthetic`), the
-pipeline behind ``make demo`` (:mod:`.pipeline`) and its report (:mod:`.report`). Needs the
-``demo`` extra (matplotlib, pycocotools)."""
+"""Built-in data and the end-to-end demo: synthetic COCO-format scenes (:mod:`.synthetic`) and
+``make demo`` (:mod:`.pipeline`), which is ``spark-det study`` (:mod:`spark_det.study`) on that data.
+Needs the ``demo`` extra (matplotlib, pycocotools)."""

@@ -1,4 +1,4 @@
-"""The demo's stages: each runs the project's own commands, prints its wall time and the time left.
+"""A study's stages: each runs the project's own commands, prints its wall time and the time left.
 
 Written for a log file as much as for a terminal: plain lines only (no carriage-return bars), a
 heartbeat with each fine-tune's iteration every ``heartbeat`` seconds while its output goes to its
@@ -21,7 +21,7 @@ from ..errors import SparkDetError
 from ..train.progress import format_eta
 
 
-class DemoStageError(SparkDetError):
+class StageError(SparkDetError):
     """A stage's command failed; the message carries the tail of its log, the exit code is the stage's."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
@@ -31,7 +31,7 @@ class DemoStageError(SparkDetError):
 
 @dataclass
 class Job:
-    """One command of a stage; ``log`` receives its output (None: the demo's own output)."""
+    """One command of a stage; ``log`` receives its output (None: the study's own output)."""
 
     label: str
     cmd: list
@@ -67,6 +67,18 @@ class Stages:
 
     def __post_init__(self) -> None:
         self.start = time.time()
+        self.order = list(self.plan)  # stage numbers stay put when a finished stage is skipped
+
+    def add(self, plan: dict[str, float]) -> None:
+        """Plan more stages (after those planned so far)."""
+        self.plan.update(plan)
+        self.order += [name for name in plan if name not in self.order]
+
+    def skip(self, name: str, why: str) -> None:
+        """A stage with nothing left to do (finished by an earlier, interrupted run): not timed, not planned."""
+        self.plan.pop(name, None)
+        print(f"\n=== [{self.order.index(name) + 1}/{len(self.order)}] {name}: {why}, skipped "
+              f"(about {format_eta(self.seconds_left())} left)", flush=True)
 
     def slowness(self) -> float:
         """Actual over planned seconds of the finished stages (1 before the first)."""
@@ -78,14 +90,14 @@ class Stages:
         return self.slowness() * sum(s for name, s in self.plan.items() if name not in self.times)
 
     def _begin(self, name: str) -> float:
-        index = list(self.plan).index(name) + 1
-        print(f"\n=== [{index}/{len(self.plan)}] {name} (about {format_eta(self.slowness() * self.plan[name])}; "
-              f"demo about {format_eta(self.seconds_left())} left)", flush=True)
+        index = self.order.index(name) + 1
+        print(f"\n=== [{index}/{len(self.order)}] {name} (about {format_eta(self.slowness() * self.plan[name])}; "
+              f"study about {format_eta(self.seconds_left())} left)", flush=True)
         return time.time()
 
     def _end(self, name: str, t0: float) -> None:
         self.times[name] = time.time() - t0
-        print(f"=== {name}: {self.times[name]:.0f} s (demo {format_eta(time.time() - self.start)} so far, "
+        print(f"=== {name}: {self.times[name]:.0f} s (study {format_eta(time.time() - self.start)} so far, "
               f"about {format_eta(self.seconds_left())} left)", flush=True)
 
     def timed(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -94,23 +106,22 @@ class Stages:
         self._end(name, t0)
         return result
 
-    def run(self, name: str, jobs: list[Job], threads_per_job: Optional[int] = None) -> None:
-        """Run ``jobs`` side by side (each with ``threads_per_job`` CPU threads); all must succeed."""
+    def run(self, name: str, jobs: list[Job], threads_per_job: Optional[int] = None,
+            max_parallel: Optional[int] = None) -> None:
+        """Run ``jobs`` side by side, at most ``max_parallel`` at once (all by default), each with
+        ``threads_per_job`` CPU threads; all must succeed."""
         t0 = self._begin(name)
         env = {**os.environ, **self.env}
         if threads_per_job:
             env.update(OMP_NUM_THREADS=str(threads_per_job), MKL_NUM_THREADS=str(threads_per_job))
-        running = []
+        waiting, running = list(jobs), []
         try:
-            for job in jobs:
-                print("$ " + " ".join(map(str, job.cmd)), flush=True)
-                out = None
-                if job.log is not None:
-                    job.log.parent.mkdir(parents=True, exist_ok=True)
-                    out = open(job.log, "w")
-                running.append((job, out, subprocess.Popen(list(map(str, job.cmd)), cwd=self.cwd, env=env,
-                                                           stdout=out, stderr=subprocess.STDOUT if out else None)))
-            self._wait(running, t0)
+            while True:
+                while waiting and len([r for r in running if r[2].poll() is None]) < (max_parallel or len(jobs)):
+                    running.append(self._start(waiting.pop(0), env))
+                self._wait(running, t0, until_one_ends=bool(waiting))
+                if not waiting:
+                    break
         finally:
             for _, out, proc in running:
                 if proc.poll() is None:  # another job failed (or Ctrl-C): stop the rest
@@ -120,20 +131,34 @@ class Stages:
                     out.close()
         self._end(name, t0)
 
-    def _wait(self, running: list, t0: float) -> None:
+    def _start(self, job: Job, env: dict[str, str]) -> tuple:
+        print("$ " + " ".join(map(str, job.cmd)), flush=True)
+        out = None
+        if job.log is not None:
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            out = open(job.log, "w")
+        return job, out, subprocess.Popen(list(map(str, job.cmd)), cwd=self.cwd, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT if out else None)
+
+    def _wait(self, running: list, t0: float, until_one_ends: bool = False) -> None:
+        """Until every job has ended (or, with ``until_one_ends``, until one of the running ones has)."""
         last_beat = time.time()
+        active = [proc for _, _, proc in running if proc.poll() is None]
         while True:
             for job, _, proc in running:
                 code = proc.poll()
                 if code not in (None, 0):
                     tail = job.log.read_text(errors="replace")[-3000:] if job.log else ""
                     where = f" - log {job.log}" if job.log else ""
-                    raise DemoStageError(f"'{job.label}' failed (exit {code}){where}\n{tail}", code)
+                    raise StageError(f"'{job.label}' failed (exit {code}){where}\n{tail}", code)
             if all(proc.poll() == 0 for _, _, proc in running):
+                return
+            if until_one_ends and any(proc.poll() is not None for proc in active):
                 return
             if time.time() - last_beat >= self.heartbeat and any(job.total_iters for job, _, _ in running):
                 last_beat = time.time()
                 states = [f"{job.label} iter {iterations_done(job.log)}/{job.total_iters}"
-                          for job, _, proc in running if job.log is not None and job.total_iters]
+                          for job, _, proc in running
+                          if job.log is not None and job.total_iters and proc.poll() is None]
                 print(f"    {format_eta(time.time() - t0)}: " + ", ".join(states), flush=True)
             time.sleep(0.5)
