@@ -12,7 +12,9 @@ Stages, each a subprocess of the scripts that already measure these things (noth
    and MMPretrain's SparK (when importable), ResNet-50, ConvNeXt-S and ConvNeXt-B, bf16, batch 128;
 3. ``largest_batch``: the same script's search for the largest ResNet-50 bf16 batch whose step fits;
 4. ``data``: benchmarks/data_pipeline.py, one worker's decode rate and the pretraining loader with 16
-   workers (folder and shards), with the workers one GPU needs at the measured step rates.
+   workers (folder and shards); the summary adds the workers one GPU needs at the measured step rates.
+
+They run in the order tests, largest batch, data, step, within ``--budget-s`` (570 s).
 
 Everything goes under ``--output``: ``summary.json`` (environment, each stage's status, time and
 figures), ``summary.md`` (the figures as tables for benchmarks/RESULTS.md), ``tests.json``,
@@ -41,7 +43,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
-# (stage, what --tiny changes) -> arguments; GPU sizes are the issue's: bf16, batch 128, 16 workers
+# The measuring stages' arguments: the issue's sizes (bf16, batch 128, 16 workers), and the dry run's
 FULL = {
     "step": ["--models", "resnet50", "convnext_small", "convnext_base", "--dtypes", "bf16", "--parts", "step",
              "--batch-size", "128", "--iters", "10", "--warmup", "3", "--peer", "mmpretrain",
@@ -60,8 +62,10 @@ TINY = {
     "data": ["--samples", "4", "--rounds", "1", "--loader-workers", "2", "--loader-batch", "4",
              "--loader-batches", "3"],
 }
-# longest a stage may take on a GPU (the whole check must end within a 10-minute device lease)
-STAGE_LIMIT_S = {"tests": 240, "step": 300, "largest_batch": 120, "data": 120}
+# Run order and the longest each stage may take on a GPU (the whole check must end within a 10-minute
+# device lease): the step stage, whose compile times are the least known, runs last with what is left,
+# and writes its rows model by model, so a stop keeps the models already timed.
+STAGE_LIMIT_S = {"tests": 240, "largest_batch": 90, "data": 90, "step": 420}
 STAGE_NEEDS = {"tests": ["pytest"], "step": ["timm"], "largest_batch": ["timm"],
                "data": ["pycocotools", "webdataset"]}
 
@@ -131,13 +135,17 @@ def stage_commands(args: argparse.Namespace, out: Path, work: Path) -> dict[str,
     }
 
 
-def step_rates(out: Path) -> list[float]:
-    """The fast path's bf16 step rates from the step stage (for the data stage's workers per GPU)."""
-    path = out / "step.json"
-    if not path.is_file():
-        return []
-    rows = json.loads(path.read_text())["results"]
-    return sorted({round(r["fast_images_per_s"], 1) for r in rows if r["part"] == "step"})
+def workers_per_gpu(step_rows: list[dict], data: dict) -> dict[str, float]:
+    """Data workers one GPU needs to feed each measured step rate (fast, and compiled where timed),
+    at the slower of one worker's folder and shard rates."""
+    per_worker = min(data["images_per_s_per_worker"]["folder"], data["images_per_s_per_worker"]["shards"])
+    needs = {}
+    for row in step_rows:
+        for impl in ("fast", "fast_compiled"):
+            rate = row.get(f"{impl}_images_per_s")
+            if isinstance(rate, (int, float)):
+                needs[f"{row['model']} {row['dtype']} {impl} ({rate:.0f} img/s)"] = round(rate / per_worker, 1)
+    return needs
 
 
 def _cell(row: dict, key: str, spec: str = ".1f") -> str:
@@ -145,7 +153,7 @@ def _cell(row: dict, key: str, spec: str = ".1f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def summarise(out: Path, summary: dict[str, Any]) -> str:
+def summarise(summary: dict[str, Any]) -> str:
     """The figures as markdown tables (what benchmarks/RESULTS.md records)."""
     env = summary["env"]
     lines = [f"# GPU check, {env.get('gpu') or env['device']}", "",
@@ -175,7 +183,7 @@ def summarise(out: Path, summary: dict[str, Any]) -> str:
     data = summary["figures"].get("data")
     if data:
         lines += ["", f"One data worker (decode + crop at 224 px): {data['images_per_s_per_worker']} img/s; "
-                      f"workers one GPU needs at the fast step's rates: {data.get('workers_per_gpu')}"]
+                      f"workers one GPU needs at the measured step rates: {summary['figures'].get('workers_per_gpu')}"]
         loader = data.get("loader")
         if loader:
             lines += [f"The pretraining loader with {loader['workers']} workers, batch {loader['batch']}: folder "
@@ -210,8 +218,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             elif left < 10:
                 summary["stages"][name] = {"status": f"skipped: the {args.budget_s:.0f} s budget is spent"}
             else:
-                if name == "data" and step_rates(out):
-                    cmd = [*cmd, "--gpu-images-per-s", *map(str, step_rates(out))]
                 limit = min(left, STAGE_LIMIT_S[name] * (3 if args.device == "cpu" else 1))
                 summary["stages"][name] = run_stage(name, cmd, stage_env, limit, log)
             print(f"[gpu_check] {name}: {summary['stages'][name]['status']}", flush=True)
@@ -223,9 +229,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             if path.is_file():
                 loaded = json.loads(path.read_text())
                 summary["figures"][name] = loaded[key] if key else loaded
+        if "step" in summary["figures"] and "data" in summary["figures"]:
+            summary["figures"]["workers_per_gpu"] = workers_per_gpu(summary["figures"]["step"],
+                                                                    summary["figures"]["data"])
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(summarise(out, summary))
+    (out / "summary.md").write_text(summarise(summary))
     failed = [name for name, s in summary["stages"].items() if s["status"].startswith("failed")]
     print(f"[gpu_check] wrote {out}/summary.md and summary.json in {summary['seconds']:.0f} s"
           + (f"; FAILED: {', '.join(failed)} (see log.txt)" if failed else ""), flush=True)

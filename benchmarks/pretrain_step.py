@@ -395,9 +395,9 @@ def main(argv=None) -> None:
     rows = []
     for name in args.models:
         rows += run_model(name, args, device)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
+        if args.json:  # after every model, so that a run stopped part-way keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

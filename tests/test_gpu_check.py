@@ -36,7 +36,7 @@ def test_the_cpu_dry_run_runs_every_stage_and_writes_every_figure(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + log[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert {name: s["status"] for name, s in summary["stages"].items()} == {
-        "tests": "ok", "step": "ok", "largest_batch": "ok", "data": "ok"}
+        "tests": "ok", "largest_batch": "ok", "data": "ok", "step": "ok"}
 
     tests = json.loads((out / "tests.json").read_text())
     names = {t["name"].split("[")[0] for t in tests["tests"]}
@@ -54,7 +54,8 @@ def test_the_cpu_dry_run_runs_every_stage_and_writes_every_figure(tmp_path):
     data = json.loads((out / "data.json").read_text())
     assert data["loader"]["workers"] == 2
     assert data["loader"]["folder"]["images_per_s"] > 0 and data["loader"]["shards"]["images_per_s"] > 0
-    assert data["workers_per_gpu"]  # at the step stage's fast rate
+    assert list(summary["figures"]["workers_per_gpu"]) == [  # at each measured step rate
+        f"test_resnet bf16 {impl} ({row[f'{impl}_images_per_s']:.0f} img/s)" for impl in ("fast", "fast_compiled")]
 
     report = (out / "summary.md").read_text()
     assert "| test_resnet | bf16 | 2 |" in report and "Largest batch that fits, test_resnet bf16 fast" in report
