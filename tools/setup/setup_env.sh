@@ -49,7 +49,7 @@ MMCV_SDIST_SHA256="d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5c
 BASE_PINS=(
   "setuptools==80.9.0" "wheel" "ninja"
   "numpy>=1.24,<2" "opencv-python-headless>=4.8,<4.12" "pillow" "pyyaml" "tqdm" "tensorboard"
-  "matplotlib" "pycocotools>=2.0.6" "scipy" "timm>=1.0.3,<1.1" "webdataset>=0.2.86,<2"
+  "matplotlib" "pycocotools>=2.0.6" "scipy" "timm>=1.0.31,<1.1" "webdataset>=0.2.86,<2"
   "mmengine==0.10.7"
   "fvcore==0.1.5.post20221221" "iopath==0.1.9" "yacs" "omegaconf>=2.1,<2.4" "hydra-core>=1.1"
   "termcolor" "tabulate" "cloudpickle"
