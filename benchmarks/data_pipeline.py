@@ -19,7 +19,10 @@ What it measures:
 * images/s of one worker (one process, CPU time) for decode + RandomResizedCrop(224) + flip +
   normalise, folder vs WebDataset shards of the same JPEGs; alone with ``--only-throughput``,
   on photograph-sized files with ``--grain 26``, and with ``--gpu-images-per-s`` the workers one
-  GPU needs at those step rates.
+  GPU needs at those step rates;
+* with ``--loader-workers N``: images/s the pretraining loader itself delivers (the Pretrainer's
+  folder and shard sources, N data workers, batches of ``--loader-batch``) once its first batch
+  is out, on a folder of hard links to those JPEGs and on shards packed from it.
 """
 
 from __future__ import annotations
@@ -225,6 +228,36 @@ def throughput(folder: Path, shard_prefix: Path, samples: int, rounds: int) -> d
     return result
 
 
+def loader_throughput(work: Path, jpegs: list[Path], workers: int, batch: int, batches: int) -> dict[str, Any]:
+    """Images/s of the pretraining loader with ``workers`` data workers, folder and shards, measured
+    from its first batch to its last (the first batch's wait, worker start-up included, apart)."""
+    from spark_det.train.data import open_source
+    from spark_det.train.distributed import DistInfo
+    from spark_det.train.shards import pack_shards
+
+    files = batch * (batches + 1)
+    folder = make_tree(work / f"loader{files}", files, jpegs)
+    shard_size = max(1, files // (2 * max(workers, 1)))  # two shards per worker: each reads whole shards
+    written = pack_shards(str(folder), str(work / "loader_shards" / f"n{files}"), shard_size=shard_size,
+                          overwrite=True, log=lambda _: None)
+    pattern = f"{work / 'loader_shards' / f'n{files}'}-{{000000..{len(written) - 1:06d}}}.tar"
+    result: dict[str, Any] = {"workers": workers, "batch": batch, "timed_batches": batches}
+    for kind, data in (("folder", str(folder)), ("shards", pattern)):
+        source = open_source(data, (224, 224), 0, batch, workers, DistInfo(), log=lambda _: None)
+        started = time.perf_counter()
+        images = 0
+        for i, out in enumerate(source.loader(0, 0)):
+            if i == 0:
+                first = time.perf_counter()
+            else:
+                images += out["image"].shape[0]
+            if i == batches:
+                break
+        result[kind] = {"images_per_s": round(images / (time.perf_counter() - first), 1),
+                        "first_batch_s": round(first - started, 2)}
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=1_000_000, help="files in the big tree")
@@ -238,6 +271,10 @@ def main() -> None:
                    help="noise std added to the JPEGs (26: photograph-sized files, ~110 KB, as ImageNet's average)")
     p.add_argument("--gpu-images-per-s", type=float, nargs="*", default=[],
                    help="training step rates of one GPU: print the workers each needs at each")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="with --only-throughput: also time the pretraining loader with this many data workers")
+    p.add_argument("--loader-batch", type=int, default=128, help="batch size of the loader measurement")
+    p.add_argument("--loader-batches", type=int, default=20, help="batches timed after the loader's first")
     args = p.parse_args()
     if args.only_throughput:
         return throughput_only(args)
@@ -305,6 +342,8 @@ def throughput_only(args: argparse.Namespace) -> None:
                "jpeg_kb_median": round(sizes[len(sizes) // 2] / 1024, 1), "images_per_s_per_worker": rates}
     slowest = min(rates["folder"], rates["shards"])
     results["workers_per_gpu"] = {str(rate): round(rate / slowest, 1) for rate in args.gpu_images_per_s}
+    if args.loader_workers:
+        results["loader"] = loader_throughput(work, jpegs, args.loader_workers, args.loader_batch, args.loader_batches)
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -3,6 +3,8 @@
     python benchmarks/pretrain_step.py                                   # CPU defaults below
     python benchmarks/pretrain_step.py --device cuda --batch-size 64 --iters 20
     python benchmarks/pretrain_step.py --peer mmpretrain --models resnet50 convnext_small --parts step
+    python benchmarks/pretrain_step.py --device cuda --parts step --dtypes bf16 --batch-size 128 --compile
+    python benchmarks/pretrain_step.py --device cuda --models resnet50 --dtypes bf16 --largest-batch
 
 With ``--peer mmpretrain`` (needs ``pip install -e .[bench]``), MMPretrain's SparK, built from its
 own configs, is timed in the same round robin for the ``step`` part, and spark-det's models get its
@@ -12,6 +14,12 @@ For each model and precision both implementations get the same weights, images a
 are timed alternately (so drifting clocks or thermal state hit both alike):
 * ``encoder``: the sparse encoder's forward + backward (a fixed random gradient on its 4 outputs);
 * ``step``: a whole pretraining step, forward, backward and the LAMB optimizer step.
+With ``--compile [MODEL ...]``, a copy of the fast model under ``torch.compile`` (``fast_compiled``) joins the
+round robin for the step part; its first call, timed apart, is the compile time, and a compiler
+error is recorded in the row instead of ending the run. ``--largest-batch`` times nothing: it
+searches the largest batch whose whole step fits in memory (doubling, then bisection; CUDA's
+out-of-memory error is the signal, ``--batch-limit`` bounds the search).
+
 It prints images/s, the fast/reference ratio, peak memory (CUDA: max allocated; CPU: peak resident
 set growth after malloc_trim, reset through /proc/self/clear_refs), the activations autograd saves
 for backward (exact, device-independent) and the relative loss difference of the first step, and
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import functools
 import json
@@ -29,7 +38,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import timm
 import torch
@@ -44,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mmpretrain_peer  # noqa: E402
 
 IMPLS = ("reference", "fast")
+COMPILED = ("fast_compiled",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="spark-det's decoder width (0: the peer's with --peer, else the paper's 768)")
     p.add_argument("--peer", choices=["none", "mmpretrain"], default="none",
                    help="also time MMPretrain's SparK for the step part (skipped with a message if absent)")
+    p.add_argument("--compile", nargs="*", metavar="MODEL",
+                   help="also time the fast path under torch.compile (step part): for these models, all if none named")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (eager: graph capture only, a quick check on a CPU)")
+    p.add_argument("--largest-batch", action="store_true",
+                   help="instead of timing, find the largest batch whose step fits (per model, dtype, --impls)")
+    p.add_argument("--impls", nargs="+", default=["fast"], choices=IMPLS, help="paths searched by --largest-batch")
+    p.add_argument("--batch-limit", type=int, default=4096, help="--largest-batch searches up to this batch")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -140,7 +158,8 @@ def build_pair(name: str, device: torch.device, decoder_width: int = 768) -> dic
 
 def measure(fns: dict[str, Callable[[], object]], args, device,
             modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, float]]:
-    """Time each function alternately; peak memory and saved activations from a separate call of each."""
+    """Time each function alternately; peak memory and saved activations from a separate call of each
+    (not counted for compiled code, whose graphs save what the compiler chose)."""
     for _ in range(args.warmup):
         for fn in fns.values():
             fn()
@@ -156,10 +175,15 @@ def measure(fns: dict[str, Callable[[], object]], args, device,
     mem = PeakMemory(device)
     for impl, fn in fns.items():
         mem.start()
-        with SavedActivations(modules[impl]) as saved:
+        if impl in COMPILED:
             fn()
+            saved_mib = None
+        else:
+            with SavedActivations(modules[impl]) as saved:
+                fn()
+            saved_mib = saved.mib
         results[impl] = {"images_per_s": args.iters * args.batch_size / times[impl], "peak_mib": mem.peak_mib(),
-                         "saved_activations_mib": saved.mib}
+                         "saved_activations_mib": saved_mib}
     return results
 
 
@@ -218,12 +242,20 @@ def run_model(name: str, args, device: torch.device) -> list[dict]:
                 if peer is not None:
                     fns["mmpretrain"] = functools.partial(mmpretrain_peer.peer_step, peer, peer_optimizer, images,
                                                           functools.partial(autocast, device, precision))
+                if compiles(name, args):
+                    compiled_fn, compile_note = compiled_step(models["fast"], images, visible, precision, args, device)
+                    if compiled_fn is not None:
+                        fns["fast_compiled"] = compiled_fn
             # Same weights at this point: the timed steps below update both models alike.
             with torch.no_grad(), autocast(device, precision):
                 losses = {impl: m(images, visible).item() for impl, m in models.items()}
             res = measure(fns, args, device, {**models, "mmpretrain": peer})
             row = {"model": name, "dtype": precision, "part": part, "decoder_width": width,
                    **{f"{impl}_{k}": v for impl in res for k, v in res[impl].items()}}
+            if compiles(name, args) and part == "step":
+                row.update(compile_note)
+                if "fast_compiled" in res:
+                    row["compiled_over_fast"] = res["fast_compiled"]["images_per_s"] / res["fast"]["images_per_s"]
             row["speedup"] = res["fast"]["images_per_s"] / res["reference"]["images_per_s"]
             if "mmpretrain" in res:
                 row["fast_over_mmpretrain"] = res["fast"]["images_per_s"] / res["mmpretrain"]["images_per_s"]
@@ -233,9 +265,101 @@ def run_model(name: str, args, device: torch.device) -> list[dict]:
     return rows
 
 
+def compiles(name: str, args) -> bool:
+    return args.compile is not None and (not args.compile or name in args.compile)
+
+
+def compiled_step(fast: torch.nn.Module, images, visible, precision: str, args, device
+                  ) -> tuple[Optional[Callable[[], None]], dict]:
+    """A training step of a compiled copy of ``fast`` (same weights, its own optimizer), and how its
+    compilation went: ``compile_s`` (the first call, which compiles forward and backward) or
+    ``compile_error`` (the error's first line; the run goes on without it)."""
+    model = copy.deepcopy(fast)
+    optimizer = build_optimizer(model, "lamb", lr=1e-4, weight_decay=0.04, betas=(0.9, 0.95))
+    compiled = torch.compile(model, backend=args.compile_backend)
+    step = functools.partial(train_step, compiled, optimizer, images, visible, precision)
+    try:
+        _sync(device)
+        started = time.perf_counter()
+        step()
+        _sync(device)
+    except Exception as exc:  # any compiler failure: recorded in the results, the other paths still timed
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(f"# torch.compile failed for {type(fast.encoder.model).__name__}: {message}", flush=True)
+        return None, {"compile_backend": args.compile_backend, "compile_error": f"{type(exc).__name__}: {message}"}
+    return step, {"compile_backend": args.compile_backend, "compile_s": time.perf_counter() - started}
+
+
+def largest_batch(fits: Callable[[int], bool], start: int, limit: int, granularity: int
+                  ) -> tuple[int, Optional[int]]:
+    """(largest batch <= ``limit`` with ``fits(batch)``, smallest failing batch seen or None): doubling
+    from ``start`` until a batch fails, then bisection down to ``granularity`` (below ``start`` if it
+    fails: (0, first failing) when nothing does)."""
+    good, bad, batch = 0, None, max(1, min(start, limit))
+    while bad is None and good < limit:
+        if fits(batch):
+            good, batch = batch, min(2 * batch, limit)
+        else:
+            bad = batch
+    while bad is not None and bad - good > granularity:
+        middle = (good + bad) // 2 // granularity * granularity or (good + bad) // 2
+        if middle <= good:
+            break
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good, bad
+
+
+def step_fits(model, optimizer, precision: str, args, device: torch.device, probes: list[dict], batch: int) -> bool:
+    """Whether one whole step at ``batch`` fits in the device's memory (recorded in ``probes``)."""
+    images = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
+    visible = model.random_mask(images.cpu(), torch.Generator().manual_seed(0)).to(device)
+    mem = PeakMemory(device)
+    mem.start()
+    try:
+        train_step(model, optimizer, images, visible, precision)
+        _sync(device)
+        probes.append({"batch": batch, "fits": True, "peak_mib": round(mem.peak_mib())})
+        return True
+    except torch.cuda.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        probes.append({"batch": batch, "fits": False})
+        return False
+    finally:
+        del images, visible
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def search_largest_batches(name: str, args, device: torch.device) -> list[dict]:
+    """The largest fitting step batch of ``name`` for each dtype and path in ``args.impls``."""
+    torch.manual_seed(0)
+    models = build_pair(name, device, args.decoder_width or 768)
+    rows = []
+    for impl in args.impls:
+        optimizer = build_optimizer(models[impl], "lamb", lr=1e-4, weight_decay=0.04, betas=(0.9, 0.95))
+        for precision in args.dtypes:
+            probes: list[dict] = []
+            fits = functools.partial(step_fits, models[impl], optimizer, precision, args, device, probes)
+            good, bad = largest_batch(fits, args.batch_size, args.batch_limit, max(1, args.batch_size // 4))
+            rows.append({"model": name, "dtype": precision, "impl": impl, "input_size": args.input_size,
+                         "largest_batch": good, "smallest_failing_batch": bad, "batch_limit": args.batch_limit,
+                         "probes": probes})
+            print(f"| {name} | {precision} | {impl} | largest batch {good} | first failing {bad} | "
+                  f"{len(probes)} probes |", flush=True)
+    return rows
+
+
 def _format_row(r: dict) -> str:
     extra = (f"  saved activations reference {r['reference_saved_activations_mib']:.0f} MiB, "
              f"fast {r['fast_saved_activations_mib']:.0f} MiB; loss rel diff {r['loss_rel_diff']:.1e}")
+    if "compiled_over_fast" in r:
+        extra += (f"  fast+compile {r['fast_compiled_images_per_s']:.2f} img/s, {r['fast_compiled_peak_mib']:.0f} MiB, "
+                  f"compiled in {r['compile_s']:.0f} s: compiled/fast **{r['compiled_over_fast']:.2f}x**")
+    elif "compile_error" in r:
+        extra += f"  fast+compile failed: {r['compile_error']}"
     if "fast_over_mmpretrain" in r:
         extra += (f"  mmpretrain {r['mmpretrain_images_per_s']:.2f} img/s, {r['mmpretrain_peak_mib']:.0f} MiB, "
                   f"saved activations {r['mmpretrain_saved_activations_mib']:.0f} MiB: "
@@ -260,14 +384,20 @@ def main(argv=None) -> None:
 
         env["mmpretrain"] = mmpretrain.__version__
     print("# " + json.dumps(env))
+    if args.largest_batch:
+        rows = [row for name in args.models for row in search_largest_batches(name, args, device)]
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"env": env, "largest_batch": rows}, indent=1))
+        return
     print("| model | dtype | measured | reference img/s | fast img/s | speedup | reference peak MiB | fast peak MiB |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name in args.models:
         rows += run_model(name, args, device)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
+        if args.json:  # after every model, so that a run stopped part-way keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip without a GPU, unless SPARK_DET_CUDA_TESTS_DEVICE names the CPU
+    (benchmarks/gpu_check.py's dry run); tests/test_cuda.py reads the same variable."""
+    import os
+
+    import torch
+
+    if os.environ.get("SPARK_DET_CUDA_TESTS_DEVICE", "cuda") != "cuda" or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (benchmarks/gpu_check.py runs these on one)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 def pytest_report_header(config):
     from spark_det.env import collect_env, format_env
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fast_path_checks import assert_same_features_loss_gradients_and_running_stats, assert_same_gradients
 
 from spark_det.model.registry import create_spark
 from spark_det.sparse.blocks import RowBasicBlock, RowBlock, RowBottleneck, RowConvNeXtBlock
@@ -41,16 +42,6 @@ def _pair(name, drop_path_rate=0.0, dtype=torch.float64):
     return reference, fast, images, visible
 
 
-def _assert_same_gradients(reference, fast):
-    ref_params = dict(reference.named_parameters())
-    scale = max(p.grad.abs().max() for p in ref_params.values() if p.grad is not None)
-    for name, p in fast.named_parameters():
-        expected = ref_params[name].grad
-        assert (p.grad is None) == (expected is None), name
-        if expected is not None:
-            torch.testing.assert_close(p.grad, expected, rtol=1e-7, atol=1e-9 * scale, msg=name)
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fast_path_matches_reference_features_loss_gradients_and_running_stats(name):
     reference, fast, images, visible = _pair(name)
@@ -60,17 +51,7 @@ def test_fast_path_matches_reference_features_loss_gradients_and_running_stats(n
     assert all(isinstance(m, block_type) for m in row_blocks)
     assert not any(isinstance(m, RowBlock) for m in reference.modules())
 
-    for f_ref, f_fast in zip(reference.encoder(images, visible), fast.encoder(images, visible)):
-        torch.testing.assert_close(f_fast, f_ref, rtol=1e-7, atol=1e-9 * f_ref.abs().max().item())
-
-    loss_ref, loss_fast = reference(images, visible), fast(images, visible)
-    assert abs(loss_fast.item() - loss_ref.item()) <= 1e-10 * abs(loss_ref.item())
-    loss_ref.backward()
-    loss_fast.backward()
-    _assert_same_gradients(reference, fast)
-    ref_buffers = dict(reference.named_buffers())
-    for buf_name, buf in fast.named_buffers():
-        torch.testing.assert_close(buf, ref_buffers[buf_name], rtol=1e-7, atol=1e-9, msg=buf_name)
+    assert_same_features_loss_gradients_and_running_stats(reference, fast, images, visible)
 
 
 def _activations_saved_for_backward(model, images, visible, autocast_dtype):
@@ -135,7 +116,7 @@ def test_stochastic_depth_draws_the_same_samples_on_both_paths(name):
     assert abs(loss_fast.item() - loss_ref.item()) <= 1e-10 * abs(loss_ref.item())
     loss_ref.backward()
     loss_fast.backward()
-    _assert_same_gradients(reference, fast)
+    assert_same_gradients(reference, fast)
 
 
 def test_fast_path_in_eval_mode_uses_running_statistics():

@@ -52,6 +52,7 @@ def test_an_export_of_another_model_is_refused_naming_both(tmp_path):
         TimmPyramid("efficientnet_b0").load_export(path)
 
 
+@pytest.mark.detectron2
 @pytest.mark.parametrize("arch", ARCHS)
 def test_detectron2s_timm_fpn_backbone_loads_the_export(arch, tmp_path):
     require("detectron2")
@@ -75,6 +76,7 @@ def test_detectron2s_timm_fpn_backbone_loads_the_export(arch, tmp_path):
     assert [shapes[n].channels for n in names] == encoder.channels
 
 
+@pytest.mark.mmdet
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mmdetections_sparktimm_backbone_loads_the_export(arch, tmp_path):
     require("mmdet")

@@ -23,13 +23,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 
-SDIST_URL = (
-    "https://files.pythonhosted.org/packages/60/26/48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34"
-    "108acf63b2bd/pb1-detectron2-0.6.tar.gz"
-)
+SDIST = "pb1-detectron2==0.6"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 FALLBACK_VERSION = "0.6+cpufallback"
 
@@ -102,10 +98,12 @@ def main() -> int:
               f"({Path(detectron2.__file__).parent}); nothing to do")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
+        print(f"[detectron2] no Detectron2 found: installing the CPU test fallback from the sdist {SDIST}")
+        # pip fetches it with the user's pip configuration (index, mirror, proxy), as every other package;
+        # preparing its metadata runs its setup.py, which imports torch: hence no build isolation
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "--no-build-isolation", "-d", tmp, SDIST], check=True)
         sdist = Path(tmp) / "pb1-detectron2-0.6.tar.gz"
-        print(f"[detectron2] no Detectron2 found: installing the CPU test fallback from {SDIST_URL}")
-        with urllib.request.urlopen(SDIST_URL, timeout=120) as response:
-            sdist.write_bytes(response.read())
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != SDIST_SHA256:
             raise SystemExit(f"pb1-detectron2 sdist checksum mismatch: {digest} != {SDIST_SHA256}")

@@ -10,19 +10,37 @@
 #   SPARK_DET_CACHE      where the built mmcv wheel is kept between     (default: ~/.cache/spark-det)
 #                        setups; an empty cache costs a ~15 min build on 2 cores
 #   SPARK_DET_PYTHON     interpreter for the venv                       (default: python3.11 or python3)
+#   SPARK_DET_TORCH      another torch release to build the whole stack on (default: 2.14.1, the
+#                        tested one); mmcv is then built against it, e.g. SPARK_DET_TORCH=2.15.0
+#   SPARK_DET_TORCHVISION  torchvision for it (default: the 0.(minor+15) series that pairs with
+#                        torch 2.minor since 2.1, e.g. 0.30.* for 2.15; pip picks the matching release)
+#
+# mmcv's source comes through pip (`pip download --no-binary`), so an index mirror or proxy set
+# in pip's configuration (pip.conf, PIP_INDEX_URL, PIP_PROXY) is used as for every other package.
 #
 # GPU users with internet: install the official Detectron2 and a CUDA mmcv instead (README).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=tools/setup/common.sh
+source "$ROOT/tools/setup/common.sh"
 VENV="${SPARK_DET_VENV:-$ROOT/.venv}"
 CACHE="${SPARK_DET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/spark-det}"
 PY_BOOT="${SPARK_DET_PYTHON:-$(command -v python3.11 || command -v python3)}"
 
-TORCH_VERSION=2.14.1
-TORCHVISION_VERSION=0.29.1
+TORCH_VERSION="${SPARK_DET_TORCH:-2.14.1}"
+if [[ -n "${SPARK_DET_TORCHVISION:-}" ]]; then
+  TORCHVISION_VERSION="$SPARK_DET_TORCHVISION"
+elif [[ -z "${SPARK_DET_TORCH:-}" ]]; then
+  TORCHVISION_VERSION=0.29.1
+elif [[ "$TORCH_VERSION" =~ ^2\.([0-9]+)(\.|$) && "${BASH_REMATCH[1]}" -ge 1 ]]; then
+  TORCHVISION_VERSION="0.$(( BASH_REMATCH[1] + 15 )).*"
+else
+  echo "[setup] error: cannot tell which torchvision pairs with torch $TORCH_VERSION: set SPARK_DET_TORCHVISION" >&2
+  exit 2
+fi
 MMCV_VERSION=2.1.0
-MMCV_SDIST_URL="https://files.pythonhosted.org/packages/a7/19/f97f0fd4d432113a232e75f965335be6b7bb6557ae9faf8051e9a012cadd/mmcv-2.1.0.tar.gz"
+# the sdist's hash, checked after pip fetched it (from PyPI or the user's mirror of it)
 MMCV_SDIST_SHA256="d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5cd3f"
 
 # Pins that keep mmcv 2.1 / mmdet 3.3 / detectron2 0.6 importable together:
@@ -31,37 +49,20 @@ MMCV_SDIST_SHA256="d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5c
 BASE_PINS=(
   "setuptools==80.9.0" "wheel" "ninja"
   "numpy>=1.24,<2" "opencv-python-headless>=4.8,<4.12" "pillow" "pyyaml" "tqdm" "tensorboard"
-  "matplotlib" "pycocotools>=2.0.6" "scipy" "timm>=1.0.3,<1.1" "webdataset>=0.2.86,<2"
+  "matplotlib" "pycocotools>=2.0.6" "scipy" "timm>=1.0.31,<1.1" "webdataset>=0.2.86,<2"
   "mmengine==0.10.7"
   "fvcore==0.1.5.post20221221" "iopath==0.1.9" "yacs" "omegaconf>=2.1,<2.4" "hydra-core>=1.1"
   "termcolor" "tabulate" "cloudpickle"
   "pytest>=7" "pytest-timeout" "ruff"
 )
 
-fingerprint() {
-  cat "$ROOT/tools/setup/setup_env.sh" "$ROOT/tools/setup/install_detectron2_fallback.py" \
-      "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1
-}
-STAMP="$VENV/.spark-det-setup"
-WANT="$(fingerprint)"
-if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
-  echo "[setup] $VENV is up to date (delete $STAMP to force a re-check)"
-  exit 0
-fi
+WANT="$(fingerprint "$ROOT/tools/setup/setup_env.sh" "$ROOT/tools/setup/common.sh" \
+  "$ROOT/tools/setup/install_detectron2_fallback.py" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" \
+  -- "$TORCH_VERSION" "$TORCHVISION_VERSION")"
+exit_if_up_to_date "$VENV" "$WANT"
 
 T_ALL=$(date +%s)
-phase_start() { PHASE="$1"; T0=$(date +%s); echo "[setup] == $PHASE"; }
-phase_end() { echo "[setup] == $PHASE done in $(( $(date +%s) - T0 ))s"; }
-
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-installed_version() { "$VENV/bin/python" - "$1" <<'EOF' 2>/dev/null || true
-import importlib.metadata as m, sys
-try:
-    print(m.version(sys.argv[1]))
-except m.PackageNotFoundError:
-    pass
-EOF
-}
 
 phase_start "virtual environment ($VENV)"
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -71,7 +72,8 @@ fi
 phase_end
 
 phase_start "torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION"
-if [[ "$(installed_version torch)" == "$TORCH_VERSION"* && "$(installed_version torchvision)" == "$TORCHVISION_VERSION"* ]]; then
+if [[ "$(installed_version "$VENV" torch)" == "$TORCH_VERSION"* \
+      && "$(installed_version "$VENV" torchvision)" == "${TORCHVISION_VERSION%\*}"* ]]; then
   echo "[setup] already installed"
 else
   "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
@@ -83,8 +85,11 @@ phase_start "python dependencies"
 phase_end
 
 phase_start "mmcv $MMCV_VERSION with compiled ops"
+# mmcv's compiled ops work only with the torch they were built against: the venv records which one
+TORCH_FULL="$(installed_version "$VENV" torch)"
 mmcv_ok() {
-  "$VENV/bin/python" -c "import mmcv, mmcv.ops; from mmcv.ops import roi_align; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null
+  [[ "$(cat "$VENV/.spark-det-mmcv-torch" 2>/dev/null)" == "$TORCH_FULL" ]] &&
+    "$VENV/bin/python" -c "import mmcv, mmcv.ops; from mmcv.ops import roi_align; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null
 }
 if mmcv_ok; then
   echo "[setup] already installed"
@@ -96,12 +101,16 @@ else
     echo "[setup] no cached wheel in $WHEELS: building mmcv from source (about 15 minutes on 2 cores)"
     BUILD=$(mktemp -d)
     trap 'rm -rf "$BUILD"' EXIT
-    curl -fsSL --retry 3 -o "$BUILD/mmcv.tar.gz" "$MMCV_SDIST_URL"
-    echo "$MMCV_SDIST_SHA256  $BUILD/mmcv.tar.gz" | sha256sum -c --quiet
-    tar xzf "$BUILD/mmcv.tar.gz" -C "$BUILD"
-    # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes C++17 (its only incompatibility here).
-    sed -i 's/-std=c++17/-std=c++20/g' "$BUILD/mmcv-$MMCV_VERSION/setup.py"
-    grep -q -- '-std=c++20' "$BUILD/mmcv-$MMCV_VERSION/setup.py"
+    # pip fetches the sdist with the user's pip configuration (index, mirror, proxy); preparing its
+    # metadata runs mmcv's setup.py, which imports torch: hence the venv's pip, without isolation
+    "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation -d "$BUILD" "mmcv==$MMCV_VERSION"
+    echo "$MMCV_SDIST_SHA256  $BUILD/mmcv-$MMCV_VERSION.tar.gz" | sha256sum -c --quiet
+    tar xzf "$BUILD/mmcv-$MMCV_VERSION.tar.gz" -C "$BUILD"
+    # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes C++17 (its only incompatibility there).
+    if "$VENV/bin/python" -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 10))"; then
+      sed -i 's/-std=c++17/-std=c++20/g' "$BUILD/mmcv-$MMCV_VERSION/setup.py"
+      grep -q -- '-std=c++20' "$BUILD/mmcv-$MMCV_VERSION/setup.py"
+    fi
     MMCV_WITH_OPS=1 MAX_JOBS="$(nproc)" "${PIP[@]}" wheel -q --no-build-isolation --no-deps \
       -w "$BUILD/dist" "$BUILD/mmcv-$MMCV_VERSION"
     # Publish atomically so an interrupted build never leaves a half-written wheel in the cache.
@@ -114,12 +123,13 @@ else
   fi
   "${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL"
   "${PIP[@]}" install -q "addict" "packaging" "rich" "yapf" "regex; sys_platform=='win32'"
+  echo "$TORCH_FULL" > "$VENV/.spark-det-mmcv-torch"
   mmcv_ok || { echo "[setup] mmcv installed but mmcv.ops does not import" >&2; exit 1; }
 fi
 phase_end
 
 phase_start "mmdet 3.3.0"
-if [[ "$(installed_version mmdet)" == "3.3.0" ]]; then
+if [[ "$(installed_version "$VENV" mmdet)" == "3.3.0" ]]; then
   echo "[setup] already installed"
 else
   "${PIP[@]}" install -q "mmdet==3.3.0" "numpy<2"
@@ -135,5 +145,5 @@ phase_start "spark-det (editable)"
 phase_end
 
 "$VENV/bin/python" "$ROOT/tools/collect_env.py"
-echo "$WANT" > "$STAMP"
+echo "$WANT" > "$VENV/.spark-det-setup"
 echo "[setup] finished in $(( $(date +%s) - T_ALL ))s"
