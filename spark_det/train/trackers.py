@@ -15,7 +15,7 @@ run continues the same tracked run.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import time
@@ -49,8 +49,11 @@ def logger_names(value: Union[None, str, list]) -> list[str]:
 def require_trackers(names: list[str]) -> None:
     """Refuse, before anything is written, a tracker whose package is not installed."""
     for name in names:
-        if importlib.util.find_spec(name) is None:
-            raise ConfigError(f"logger={name} needs the {name} package: pip install 'spark-det[{TRACKERS[name]}]'")
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"logger={name} needs the {name} package: "
+                              f"pip install 'spark-det[{TRACKERS[name]}]'") from exc
 
 
 class WandbTracker:
