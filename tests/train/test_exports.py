@@ -17,6 +17,7 @@ from spark_det.cli import pretrain as pretrain_cli
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.errors import EXIT_BAD_FILE, EXIT_BAD_INPUT
 from spark_det.io import load_file
+from spark_det.train import Pretrainer, load_config
 from spark_det.transfer.export import sha256
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,9 +104,15 @@ def test_summary_csv_is_rewound_on_resume(images, tmp_path):
     common = ["--recipe", RECIPE, "--data", str(images), "--output", str(out), "--device", "cpu", "epochs=2",
               "batch_size=8", "warmup_epochs=1", "leak_audit=false"]
     assert pretrain_cli.main([*common, "stop_after_iters=3"]) == 0  # epoch 0 done, stopped inside epoch 1
-    (out / "summary.csv").write_text((out / "summary.csv").read_text() + "1,9.0,9.0,9.0,0,9.0\n")  # a killed row
+    summary = out / "summary.csv"
+    summary.write_text(summary.read_text() + "1,9.0,9.0,9.0,0,9.0\n")  # the row of a run killed after its checkpoint
+    resumed = Pretrainer(load_config(RECIPE, ["epochs=2", "batch_size=8", "warmup_epochs=1", "leak_audit=false"]),
+                         data=images, output=out, resume="auto", device="cpu")
+    resumed.close()
+    with open(summary, newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0]  # rewound to the checkpoint (epoch 1, iteration 1)
     assert pretrain_cli.main([*common, "--resume", "auto"]) == 0
-    with open(out / "summary.csv", newline="") as f:
+    with open(summary, newline="") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
 
 
