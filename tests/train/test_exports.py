@@ -122,6 +122,13 @@ def test_convert_reads_the_safetensors_export(run_dir, tmp_path, to, suffix):
     dst = tmp_path / f"out{suffix}"
     assert convert_cli.main([str(src), str(dst), "--to", to]) == 0
     exported = load_file(src)
+    if to != "timm":  # the same file as from the .pth (whose conversions the framework tests load)
+        from_pth = tmp_path / f"from_pth{suffix}"
+        assert convert_cli.main([str(run_dir / "encoder-resnet18.pth"), str(from_pth), "--to", to]) == 0
+        a, b = (load_file(p) if to == "mmdet" else pickle.loads(p.read_bytes()) for p in (dst, from_pth))
+        key = "state_dict" if to == "mmdet" else "model"
+        assert a.keys() == b.keys() and a[key].keys() == b[key].keys()
+        assert all((torch.as_tensor(a[key][k]) == torch.as_tensor(b[key][k])).all() for k in a[key])
     if to == "detectron2":
         with open(dst, "rb") as f:
             model = pickle.load(f)["model"]
