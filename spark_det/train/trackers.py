@@ -9,7 +9,8 @@ run continues the same tracked run.
 - W&B: ``wandb.init(dir=<output>, id=..., resume="allow")``; the project is ``$WANDB_PROJECT``
   (default ``spark-det``), ``WANDB_MODE=offline`` keeps everything on disk (``wandb sync`` later).
 - MLflow: :class:`mlflow.tracking.MlflowClient` on ``$MLFLOW_TRACKING_URI``, else a file store in
-  ``<output>/mlruns``; the experiment is ``$MLFLOW_EXPERIMENT_NAME`` (default ``spark-det``).
+  ``<output>/mlruns`` (``MLFLOW_ALLOW_FILE_STORE=true`` is set for it unless already set); the
+  experiment is ``$MLFLOW_EXPERIMENT_NAME`` (default ``spark-det``).
   The client is used directly, so the process's global ``mlflow`` state is left alone.
 """
 
@@ -64,7 +65,7 @@ class WandbTracker:
 
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), dir=str(folder),
-                              id=run_id or wandb.util.generate_id(), resume="allow", config=config,
+                              id=run_id, resume="allow", config=config,
                               name=folder.name, allow_val_change=True)
         self.run_id = self.run.id
 
@@ -84,7 +85,12 @@ class MlflowTracker:
     def __init__(self, folder: Path, config: dict[str, Any], run_id: Optional[str]) -> None:
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (folder / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = (folder / "mlruns").resolve().as_uri()
+            # MLflow >= 3.7 refuses its file store without this opt-in; the database store it
+            # recommends needs SQLAlchemy and alembic, which mlflow-skinny does not install
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
