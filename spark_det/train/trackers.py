@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..io import write_atomic
 
 TRACKERS = {"wandb": "wandb", "mlflow": "mlflow"}  # logger name -> the spark-det extra that installs it
@@ -145,7 +145,11 @@ class Trackers:
         self.trackers = {}
         try:
             for name in names:
-                self.trackers[name] = _CLASSES[name](self.folder, config, ids.get(name))
+                try:
+                    self.trackers[name] = _CLASSES[name](self.folder, config, ids.get(name))
+                except Exception as exc:  # noqa: BLE001 - e.g. W&B online without a login: one line, not a traceback
+                    raise ConfigError(f"logger={name}: cannot start the tracked run: {type(exc).__name__}: "
+                                      f"{first_line(exc)}") from exc
         except BaseException:
             self.close()
             raise
