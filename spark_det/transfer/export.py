@@ -25,7 +25,7 @@ import timm
 import torch
 
 from ..errors import CheckpointError, first_line
-from ..io import PathLike, save_safetensors_atomic, write_atomic
+from ..io import TEMPORARY_SUFFIX, PathLike, remove_stale_temporaries, save_safetensors_atomic, write_atomic
 
 WEIGHTS_NAME = "model.safetensors"  # the first file timm's load_state_dict_from_path looks for
 CONFIG_NAME = "config.json"
@@ -86,18 +86,21 @@ def write_export_folder(state: dict[str, torch.Tensor], model_name: str, folder:
     """``model.safetensors``, ``config.json`` (timm's ``pretrained_cfg`` form) and ``README.md`` in ``folder``.
 
     The weights are checked to load strictly into timm's model first; the card is written last,
-    so a folder with a ``README.md`` is complete."""
+    so a folder with a ``README.md`` is complete. Only one process may write ``folder`` at a time
+    (a pretraining run's folder is locked): temporaries found there are a killed write's and go."""
     from timm.models._hub import save_config_for_hf  # timm 1.0 exports it from the private module only
 
     from .. import __version__
     from ..model.spark import IMAGENET_MEAN, IMAGENET_STD
 
     folder = Path(folder)
+    if folder.is_dir():  # a killed export's temporaries must not travel with the folder
+        remove_stale_temporaries(folder)
     model = timm_model(state, model_name)
     weights = save_encoder_safetensors(model.state_dict(), model_name, folder / WEIGHTS_NAME)
     data_config = {"input_size": (3, *input_size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                    "interpolation": "bicubic", "crop_pct": 1.0}
-    tmp = folder / f".{CONFIG_NAME}.writing"
+    tmp = folder / f".{CONFIG_NAME}.writing{TEMPORARY_SUFFIX}"  # timm writes it in place; renamed below
     save_config_for_hf(model, str(tmp), data_config=data_config)
     config = json.loads(tmp.read_text())
     tmp.unlink()

@@ -18,7 +18,7 @@ from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.errors import EXIT_BAD_FILE, EXIT_BAD_INPUT
 from spark_det.io import load_file
 from spark_det.train import Pretrainer, load_config
-from spark_det.transfer.export import sha256
+from spark_det.transfer.export import ModelCard, sha256, write_export_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")
@@ -74,6 +74,16 @@ def test_export_folder_loads_offline_through_timms_own_mechanisms(run_dir, monke
         assert state.keys() == exported.keys() and all(torch.equal(state[k], exported[k]) for k in state)
     assert from_folder.pretrained_cfg["input_size"] == (3, 64, 64)
     assert tuple(timm.data.resolve_data_config({}, model=from_folder)["mean"]) == (0.485, 0.456, 0.406)
+
+
+def test_a_killed_export_is_redone_without_its_temporaries(run_dir, tmp_path):
+    folder = tmp_path / "export-resnet18"
+    folder.mkdir()
+    (folder / ".model.safetensors.x1y2.tmp").write_bytes(b"half a file")  # what a kill -9 leaves
+    (folder / ".config.json.writing.tmp").write_text("{")
+    write_export_folder(load_file(run_dir / "encoder-resnet18.safetensors"), "resnet18", folder,
+                        ModelCard(data="somewhere"), (64, 64))
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_model_card_states_provenance_digest_and_how_to_load(run_dir, images):
