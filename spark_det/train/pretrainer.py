@@ -9,8 +9,9 @@
 Everything a user can get wrong is checked while the run is built, before any output is
 written. Under torchrun every rank builds the same Pretrainer; only the main rank writes.
 Outputs: config.yaml, checkpoint-last.pth (resumable) and the checkpoints before it,
-encoder-<model>.pth, metrics.jsonl, tensorboard/ and reconstruction-epochNNN.png
-(:mod:`.run_dir` describes the folder).
+encoder-<model>.pth and .safetensors, export-<model>/ (:mod:`spark_det.transfer.export`),
+metrics.jsonl, summary.csv, tensorboard/ and reconstruction-epochNNN.png (:mod:`.run_dir`
+describes the folder); W&B and MLflow runs with ``logger=`` (:mod:`.trackers`).
 
 Faults lose nothing: the folder is locked to one run; checkpoints are written atomically and
 only when every weight is finite; a resume falls back to an older checkpoint when the newest
