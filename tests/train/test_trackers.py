@@ -12,6 +12,8 @@ import pytest
 from spark_det.cli import pretrain as pretrain_cli
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.errors import EXIT_BAD_INPUT
+from spark_det.train.config import load_config
+from spark_det.train.trackers import logger_names
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")
@@ -149,3 +151,10 @@ def test_a_missing_tracker_package_is_one_error_line_naming_the_pip_install(imag
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: logger={name} needs the {name} package: pip install 'spark-det[{name}]'"]
     assert not (tmp_path / "run").exists()
+
+
+def test_logger_takes_a_name_a_comma_list_or_a_yaml_list():
+    cases = {"wandb": ["wandb"], "[wandb,mlflow]": ["wandb", "mlflow"], "mlflow,wandb": ["mlflow", "wandb"],
+             "none": [], "null": []}
+    for value, names in cases.items():
+        assert logger_names(load_config(RECIPE, [f"logger={value}"])["logger"]) == names, value
