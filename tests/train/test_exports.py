@@ -181,3 +181,16 @@ def test_init_weights_from_the_safetensors_export(run_dir, images, tmp_path):
     after = load_file(out / "encoder-resnet18.safetensors")
     # lr=0: conv weights unchanged (BatchNorm running statistics still move)
     assert all(torch.equal(after[k], start[k]) for k in start if k.endswith("conv1.weight"))
+
+
+def test_the_generic_timm_detection_backbone_loads_the_safetensors_export(run_dir):
+    # TimmPyramid is what Detectron2's build_timm_fpn_backbone and MMDetection's SparKTimm load exports with
+    from spark_det.transfer.timm_pyramid import TimmPyramid
+
+    pyramid = TimmPyramid("resnet18")
+    with torch.no_grad():
+        for p in pyramid.parameters():
+            p.fill_(0.123)
+    pyramid.load_export(run_dir / "encoder-resnet18.safetensors")
+    exported = load_file(run_dir / "encoder-resnet18.safetensors")
+    assert all(torch.equal(v, exported[k]) for k, v in pyramid.model.state_dict().items())
