@@ -93,11 +93,40 @@ def save_pickle_atomic(obj: Any, path: PathLike) -> Path:
     return write_atomic(path, lambda f: pickle.dump(obj, f))
 
 
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def save_safetensors_atomic(state: dict[str, torch.Tensor], path: PathLike,
+                            metadata: Optional[dict[str, str]] = None) -> Path:
+    """A flat state dict as safetensors (tensors and string metadata only, no code), through
+    :func:`write_atomic`. Tensors are made contiguous and unshared, as the format requires."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    return write_atomic(path, lambda f: f.write(save(tensors, metadata=metadata)))
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+
+    try:
+        return load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        size = path.stat().st_size
+        what = "the file is empty" if size == 0 else first_line(exc)
+        raise CheckpointError(f"cannot read safetensors file {path} ({what}); the file may be truncated "
+                              "(an interrupted download, copy or write)") from exc
+
+
 def load_file(path: PathLike) -> dict:
-    """``torch.load(weights_only=True)`` with an actionable error for missing or damaged files."""
+    """``torch.load(weights_only=True)`` (or safetensors' loader for ``*.safetensors``) with an
+    actionable error for missing or damaged files."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -3,9 +3,12 @@
     spark-det convert out/r50/encoder-resnet50.pth --to detectron2 --output r50.pkl
     spark-det convert resnet50_1kpretrained_timm_style.pth r50_mmdet.pth --to mmdet
     spark-det convert convnextS_1kpretrained_timm_style.pth cnxs_timm.pth --to timm
+    spark-det convert out/r50/encoder-resnet50.safetensors r50.pkl --to detectron2
+    spark-det convert resnet50_1kpretrained_timm_style.pth r50.safetensors --to timm
 
 The source layout (spark-det full or encoder checkpoint, the paper's released files, plain
-timm state dicts) and the architecture are detected from the keys. The output is written only
+timm state dicts; .pth or .safetensors) and the architecture are detected from the keys. An
+output ending in .safetensors is written as safetensors (--to timm or torchvision). The output is written only
 if it covers every tensor of the target backbone; otherwise the tool exits with status 1.
 """
 
@@ -36,7 +39,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parse_with_output(parser, argv)
     arch, converted, count = convert(load_file(args.src), args.to, args.arch)
-    write_converted(converted, args.to, args.output)
+    write_converted(converted, args.to, args.output, arch)
     print(f"{arch}: {count} tensors -> {args.to} ({args.output})")
     if args.to == "timm" and not any(k.startswith("head.") for k in converted):
         print("note: the file has no head.* tensors (the paper's ConvNeXt encoders have an identity final norm); "

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Union
 import yaml
 
 from ..errors import ConfigError, first_line
+from .trackers import logger_names
 
 # Every key a recipe may set, with its default (the paper's ImageNet recipe where it has one).
 DEFAULTS: dict[str, Any] = {
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 20,  # iterations between plain log lines when stdout is not a terminal
     "stop_after_iters": 0,  # > 0: stop as if interrupted (after a checkpoint), for testing resume
     "leak_audit": True,  # the leak probe on the live encoder after loading weights and before each checkpoint
+    "logger": None,  # experiment trackers beside metrics.jsonl/TensorBoard: wandb, mlflow or [wandb, mlflow]
 }
 
 
@@ -57,7 +59,7 @@ OPTIONAL_NON_NEGATIVE_FLOAT_KEYS = ("lr", "clip_grad", "drop_path_rate", "max_lo
 # Keys that change what a run logs, writes or when it stops, never the weights it trains.
 BOOKKEEPING_KEYS = frozenset({
     "num_workers", "dist_timeout_s", "save_every_iters", "keep_checkpoints", "max_loss", "export_every_epochs",
-    "vis_every_epochs", "vis_images", "log_every", "stop_after_iters", "leak_audit",
+    "vis_every_epochs", "vis_images", "log_every", "stop_after_iters", "leak_audit", "logger",
 })
 
 
@@ -171,6 +173,7 @@ def validate(cfg: dict[str, Any]) -> None:
             raise bad(key, "true or false")
     if not isinstance(cfg["model"], str) or not cfg["model"]:
         raise bad("model", "a timm model name")
+    logger_names(cfg["logger"])
 
 
 def same_trajectory(a: dict[str, Any], b: dict[str, Any]) -> bool:

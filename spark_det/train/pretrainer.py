@@ -9,8 +9,9 @@
 Everything a user can get wrong is checked while the run is built, before any output is
 written. Under torchrun every rank builds the same Pretrainer; only the main rank writes.
 Outputs: config.yaml, checkpoint-last.pth (resumable) and the checkpoints before it,
-encoder-<model>.pth, metrics.jsonl, tensorboard/ and reconstruction-epochNNN.png
-(:mod:`.run_dir` describes the folder).
+encoder-<model>.pth and .safetensors, export-<model>/ (:mod:`spark_det.transfer.export`),
+metrics.jsonl, summary.csv, tensorboard/ and reconstruction-epochNNN.png (:mod:`.run_dir`
+describes the folder); W&B and MLflow runs with ``logger=`` (:mod:`.trackers`).
 
 Faults lose nothing: the folder is locked to one run; checkpoints are written atomically and
 only when every weight is finite (and are advised for resuming only once a loss computed from
@@ -49,6 +50,7 @@ from ..io import PathLike, save_atomic, write_atomic
 from ..model.leak_probe import find_leak
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
+from ..transfer.export import ModelCard, save_encoder_safetensors, write_export_folder
 from .checkpoint import derive_rng_state, file_digest, load_init_weights, rng_state, set_rng_state
 from .config import same_trajectory
 from .data import open_source
@@ -66,6 +68,8 @@ from .optim import build_optimizer
 from .progress import ProgressLog
 from .run_dir import METRICS, Position, RunDirectory, RunLock, load_run_checkpoint
 from .schedule import Schedule
+from .summary import rewind_summary, write_epoch_summary
+from .trackers import Trackers, logger_names, require_trackers
 from .visualize import save_reconstruction_grid
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,6 +129,10 @@ class Pretrainer:
         self.source = open_source(data, cfg["input_size"], cfg["seed"], self.per_rank_batch, cfg["num_workers"],
                                   self.dist, self.log, reindex, shard_counts)
         self.source.require_readable()
+        self.tracker_names = logger_names(cfg["logger"])
+        if self.dist.is_main:
+            require_trackers(self.tracker_names)
+        self.trackers = Trackers([], Path(output), cfg, resume=False)  # opened by run() on the main rank
         require_same_on_every_rank({"config": {k: v for k, v in cfg.items() if k != "num_workers"},
                                     "data": self.source.identity()}, self.dist)
         self.iters_per_epoch = self.source.iters_per_epoch
@@ -285,11 +293,15 @@ class Pretrainer:
         self.run_dir.refuse_repeating_divergence(self.cfg, position, same_trajectory)
         self.run_dir.clean_temporaries()
         self.run_dir.rewind_metrics(position)
+        rewind_summary(self.output, position[0])
 
     def close(self) -> None:
         """Release the run folder (done by :meth:`run` when it ends)."""
         if self.dist.is_main:
-            self._lock.release()
+            try:
+                self.trackers.close()
+            finally:
+                self._lock.release()
 
     # ------------------------------------------------------------------------------------------
     # Outputs
@@ -349,8 +361,24 @@ class Pretrainer:
         return self.output / f"encoder-{self.cfg['model']}{tag}.pth"
 
     def export_encoder(self, path: Optional[Path] = None) -> Path:
-        """The encoder as a plain timm state dict (``timm.create_model(model, num_classes=0)`` loads it)."""
-        return save_atomic(self.spark.encoder.dense_state_dict(), path or self.encoder_path())
+        """The encoder as a plain timm state dict (``timm.create_model(model, num_classes=0)`` loads it),
+        as ``.pth`` and, beside it, ``.safetensors`` (written first: the ``.pth`` marks both complete)."""
+        path = path or self.encoder_path()
+        state = self.spark.encoder.dense_state_dict()
+        save_encoder_safetensors(state, self.cfg["model"], path.with_suffix(".safetensors"))
+        return save_atomic(state, path)
+
+    def export_folder(self, card_path: Path) -> Path:
+        """``export-<model>/``: weights, timm ``config.json`` and model card (:mod:`spark_det.transfer.export`)."""
+        last = None
+        with contextlib.suppress(OSError):
+            for line in (self.output / METRICS).read_text().splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    last = float(json.loads(line)["loss"])
+        card = ModelCard(data=f"{self.data} ({self.source.describe()})", recipe=self.cfg, epochs=self.cfg["epochs"],
+                         final_loss=last)
+        return write_export_folder(self.spark.encoder.dense_state_dict(), self.cfg["model"], card_path.parent, card,
+                                   tuple(self.cfg["input_size"]))
 
     def _write_epoch_outputs(self, epochs_done: int, preview: Optional[torch.Tensor],
                              only_missing: bool = False) -> list[Path]:
@@ -358,9 +386,12 @@ class Pretrainer:
         ``only_missing`` just those a killed run had not written (the files are atomic: one that
         exists is complete)."""
         cfg, final = self.cfg, epochs_done == self.cfg["epochs"]
+        write_epoch_summary(self.output, self.output / METRICS, epochs_done - 1)  # idempotent: rewrites its row
         due: list[tuple[Path, Callable[[Path], Any]]] = []
         if final or epochs_done % cfg["export_every_epochs"] == 0:
             due.append((self.encoder_path(None if final else epochs_done), self.export_encoder))
+        if final:
+            due.append((self.output / f"export-{cfg['model']}" / "README.md", self.export_folder))
         if preview is not None and (final or epochs_done % cfg["vis_every_epochs"] == 0):
             due.append((self.output / f"reconstruction-epoch{epochs_done:03d}.png",
                         lambda path: save_reconstruction_grid(self.spark, preview.to(self.device), path)))
@@ -368,6 +399,8 @@ class Pretrainer:
         for path, write in due:
             if not (only_missing and path.exists()):
                 written.append(write(path))
+                if path.suffix == ".png":
+                    self.trackers.log_image("reconstruction", path, epochs_done * self.iters_per_epoch - 1)
         return written
 
     def _write_config(self) -> None:
@@ -444,6 +477,10 @@ class Pretrainer:
     def _run(self) -> PretrainResult:
         cfg, is_main = self.cfg, self.dist.is_main
         on_main_rank(self._write_config, self.dist)
+        if is_main:  # closed by close()
+            self.trackers = Trackers(self.tracker_names, self.output,
+                                     {**cfg, "data": str(self.data), "world_size": self.dist.world_size},
+                                     resume=bool(self.start_epoch or self.start_iter))
         self.log(f"[pretrain] {cfg['model']} on {self.source.describe()}, {self.dist.world_size} process(es) on "
                  f"{self.device}, global batch {cfg['batch_size']} ({self.per_rank_batch}/rank, {cfg['accum_steps']} "
                  f"accumulation step(s)), {self.iters_per_epoch} it/epoch x {cfg['epochs']} epochs, peak lr "
@@ -486,8 +523,10 @@ class Pretrainer:
             if is_main:
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
-                for key in ("loss", "lr", "wd", "grad_norm", "images_per_s"):
-                    writer.add_scalar(f"train/{key}", metrics[key], it)
+                scalars = {f"train/{key}": metrics[key] for key in ("loss", "lr", "wd", "grad_norm", "images_per_s")}
+                for key, value in scalars.items():
+                    writer.add_scalar(key, value, it)
+                self.trackers.log_scalars(scalars, it)
             if cfg["save_every_iters"] and done % cfg["save_every_iters"] == 0 and i + 1 < self.iters_per_epoch:
                 self.save_checkpoint(epoch, i + 1)
             if metrics.pop("stop_requested"):

@@ -6,17 +6,20 @@ Pure functions on state dicts; reading the source layout is :mod:`.layouts`' job
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
-from ..io import PathLike, save_atomic, save_pickle_atomic
+from ..errors import CheckpointError, ConfigError
+from ..io import SAFETENSORS_SUFFIX, PathLike, save_atomic, save_pickle_atomic
 from .convnext_pyramid import timm_to_pyramid_keys
+from .export import save_encoder_safetensors
 from .layouts import check_covers, to_timm
 
 TARGETS = ("detectron2", "mmdet", "timm", "torchvision")
+SAFETENSORS_TARGETS = ("timm", "torchvision")  # plain state dicts; the others carry non-tensor fields
 
 
 def resnet_to_detectron2(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -78,6 +81,14 @@ def convert(obj: dict, target: str, expect: Optional[str] = None) -> tuple[str, 
     raise ValueError(f"unknown target {target!r}: use one of {TARGETS}")
 
 
-def write_converted(converted: object, target: str, path: PathLike) -> None:
-    """Write :func:`convert`'s output atomically in the target's format (.pkl for Detectron2)."""
+def write_converted(converted: object, target: str, path: PathLike, arch: str = "") -> None:
+    """Write :func:`convert`'s output atomically in the target's format (.pkl for Detectron2);
+    timm and torchvision state dicts as safetensors when ``path`` ends in ``.safetensors``."""
+    if Path(path).suffix == SAFETENSORS_SUFFIX:
+        if target not in SAFETENSORS_TARGETS:
+            raise ConfigError(f"--to {target} cannot be written as {SAFETENSORS_SUFFIX}: "
+                              f"{'Detectron2 reads .pkl' if target == 'detectron2' else 'MMDetection reads .pth'} "
+                              f"files; safetensors is for {' and '.join(SAFETENSORS_TARGETS)}")
+        save_encoder_safetensors(converted, arch, path)
+        return
     (save_pickle_atomic if target == "detectron2" else save_atomic)(converted, path)

@@ -54,6 +54,7 @@ BASE_PINS=(
   "fvcore==0.1.5.post20221221" "iopath==0.1.9" "yacs" "omegaconf>=2.1,<2.4" "hydra-core>=1.1"
   "termcolor" "tabulate" "cloudpickle"
   "pytest>=7" "pytest-timeout" "ruff"
+  "safetensors>=0.4" "wandb" "mlflow-skinny"  # the tracker tests (W&B offline, MLflow file store)
 )
 
 WANT="$(fingerprint "$ROOT/tools/setup/setup_env.sh" "$ROOT/tools/setup/common.sh" \
