@@ -25,7 +25,7 @@ from fast_path_checks import assert_same_features_loss_gradients_and_running_sta
 from PIL import Image
 
 from spark_det.model import SparseEncoder, create_spark
-from spark_det.model.encoder import _randomise_norm, same_on_common_part
+from spark_det.model.leak_probe import randomise_like_training, same_on_common_part
 from spark_det.sparse.convert import first_layer_fed_masked_values
 from spark_det.sparse.masking import random_visible_mask, upsample_mask
 from spark_det.sparse.reference import GatherScatterBatchNorm
@@ -96,9 +96,7 @@ def test_sparse_execution_on_the_device_leaks_nothing_into_masked_positions(name
     encoder = SparseEncoder(name, verify=False)
     probe = copy.deepcopy(encoder).to(DEVICE, torch.float64 if amp is None else torch.float32).train()
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in probe.modules():
-            _randomise_norm(module, generator)  # fresh norms would map masked zeros to zeros, hiding a leak
+    randomise_like_training(probe, generator)  # fresh weights would map masked zeros to zeros, hiding a leak
     r = probe.downsample_ratio
     images = torch.randn(2, 3, 2 * r, 2 * r, generator=generator).to(DEVICE, next(probe.parameters()).dtype)
     visible = torch.tensor([[1, 0], [0, 1], [0, 0], [1, 1]], dtype=torch.bool).view(2, 1, 2, 2).to(DEVICE)
