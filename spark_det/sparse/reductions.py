@@ -111,10 +111,11 @@ _EXTRA_POINTWISE = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dro
                     "rrelu", "glu_", "relu_", "sigmoid_", "tanh_", "neg", "abs", "clamp_min", "clamp_max"}
 _METADATA = {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "len", "ndimension", "nelement",
              "element_size", "is_floating_point", "is_complex", "data_ptr", "storage_offset", "get_device",
-             "format", "repr", "hash", "untyped_storage", "has_names", "item", "tolist", "index", "int",
+             "format", "repr", "hash", "untyped_storage", "has_names", "index", "int",
              "float_", "bool", "is_nonzero", "dim_order", "is_inference", "register_hook", "retain_grad",
              "backward", "requires_grad_", "is_shared", "is_pinned", "__reduce_ex__", "reduce_ex", "setstate",
              "deepcopy"}
+_ESCAPES = {"tolist", "item", "numpy", "__array__", "array"}  # values leave torch's sight
 _LAYOUT = {"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "permute", "transpose", "swapaxes",
            "swapdims", "movedim", "moveaxis", "unsqueeze", "squeeze", "expand", "expand_as", "contiguous",
            "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "detach", "t",
@@ -286,6 +287,9 @@ class PositionMode(TorchFunctionMode):
         name = _base_name(func)
         if not tracked:
             return func(*args, **kwargs)
+        if name in _ESCAPES:
+            raise self.refuse(f"'{name}'", "on a map with positions: its values leave torch, where spark-det cannot "
+                              "follow which of them are masked")
         if name in _METADATA:
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor) and name == "__get__":  # x.T, x.mT, x.data
@@ -560,8 +564,10 @@ class PositionMode(TorchFunctionMode):
             why = "over positions in an arrangement spark-det cannot follow (batch or positions merged)"
         elif not set(positional_dims) <= set(dims):
             why = "over some but not all of the map's positional dimensions"
-        elif "b" not in tr.labels or "b" in [tr.labels[d] for d in dims]:
-            why = "over positions and samples together"
+        elif "b" not in tr.labels:
+            why = "over positions of maps whose batch dimension spark-det cannot follow"
+        elif name in ("norm", "vector_norm", "normalize") and not _positive_order(bind(name, args, kwargs)):
+            why = "(a norm of order <= 0 is decided by the smallest value, which a masked zero would be)"
         else:
             why = ""
         if why:
@@ -604,6 +610,12 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], Any]] = {
     "norm": (("p", "dim", "keepdim"), None), "vector_norm": (("ord", "dim", "keepdim"), None),
     "normalize": (("p", "dim", "eps"), 1),
 }
+
+
+def _positive_order(bound: dict) -> bool:
+    """Whether a norm's order p is > 0 (or 'fro'): then masked zeros add nothing to it."""
+    p = bound.get("p", bound.get("ord", 2))
+    return p is None or p == "fro" or (isinstance(p, (int, float)) and p > 0)
 
 
 def bind(name: str, args: Sequence, kwargs: dict) -> dict:

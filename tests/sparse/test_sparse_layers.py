@@ -13,6 +13,7 @@ from timm.layers import LayerNorm2d, SEModule
 
 from spark_det.model.encoder import SparseEncoder
 from spark_det.sparse.convert import UnsupportedLayerError, enable_sparse_sync_batchnorm, sparsify
+from spark_det.sparse.layers import SparseLayer
 from spark_det.sparse.masking import ActiveMask, random_visible_mask, upsample_mask
 
 
@@ -132,9 +133,13 @@ def test_a_container_that_fills_masked_positions_is_caught_by_the_probe():
             return self.inner(x) + 1.0
 
     model = timm.create_model("resnet18", num_classes=0, global_pool="")
+    model.layer1[0].conv1 = AddBias(model.layer1[0].conv1)  # a container around a convolution
+    with pytest.raises(ValueError, match=r"layer '.*layer1\.0\.bn1' receives non-zero values at masked"):
+        SparseEncoder(model, impl="reference")  # (the fast path runs the whole block on visible rows)
+    # made only of activations around its own code, the same container acts per position: it is re-masked
+    model = timm.create_model("resnet18", num_classes=0, global_pool="")
     model.layer1[0].act1 = AddBias(nn.ReLU())
-    with pytest.raises(ValueError, match=r"layer '.*layer1\.0\.conv2' receives non-zero values at masked"):
-        SparseEncoder(model)
+    assert isinstance(SparseEncoder(model).model.layer1[0].act1, SparseLayer)
 
 
 def test_sparse_layer_called_outside_an_encoder_forward_raises_clearly():
