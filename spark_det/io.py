@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -175,3 +176,12 @@ def coco_classes(annotations: PathLike, image_dir: Optional[PathLike] = None) ->
     except (KeyError, TypeError) as exc:
         raise InputFileError(f"COCO annotation file {path} has no usable 'categories' (a list of {{'id', 'name'}}; "
                              f"{type(exc).__name__}: {exc}): is it a COCO instances file?") from exc
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB pieces (``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(16 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()

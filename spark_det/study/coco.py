@@ -6,13 +6,13 @@ that are not there must stop it at once with one line, not after the pretraining
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, InputFileError
+from ..io import file_sha256
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,6 @@ class CocoSplit:
     has_masks: bool
     median_short_side: int
     digest: str  # sha256 of the JSON file: a finished run is only reused on the same data
-
-
-def sha256(path: Path) -> str:
-    """The file's sha256 (hashlib.file_digest needs Python 3.11; setup.cfg allows 3.9)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -89,7 +80,7 @@ def check_coco(json_path: str | Path, image_dir: str | Path, role: str) -> CocoS
     sides = [min(img["width"], img["height"]) if img.get("width") and img.get("height")
              else min(_image_size(images / img["file_name"])) for img in data["images"][:1000]]
     return CocoSplit(path.resolve(), images.resolve(), len(data["images"]), len(data["annotations"]), cats,
-                     with_masks > 0, int(statistics.median(sides)), sha256(path))
+                     with_masks > 0, int(statistics.median(sides)), file_sha256(path))
 
 
 def check_splits(train: CocoSplit, val: CocoSplit) -> None:

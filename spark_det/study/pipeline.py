@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError, DataError, SparkDetError
-from ..io import write_atomic
+from ..io import file_sha256, write_atomic
 from ..train.progress import format_eta
-from .coco import check_coco, check_splits, sha256
+from .coco import check_coco, check_splits
 from .finetune import FRAMEWORKS, PROTOCOLS, CocoFiles, Recipe, finetune_command, spark_det_command
 from .inits import check_frameworks, check_weights, parse_inits, resnet_depth
 from .report import detectron2_results, mmdet_results, plot_loss, write_report
@@ -285,7 +285,7 @@ class Study:
         for init, (run_dir, cmd) in zip(self.inits, self.commands(protocol, seed, fw, weights)):
             w = weights[init.label, fw]
             key = {"command": [str(c) for c in cmd[1:]], "train_json": self.train.digest,
-                   "val_json": self.val.digest, "weights": sha256(w) if w else None}
+                   "val_json": self.val.digest, "weights": file_sha256(w) if w else None}
             runs[init.label] = (run_dir, key)
             done = _read_json(run_dir / "result.json")
             if done is not None and done.get("key") == key:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 from typing import Union
@@ -22,15 +21,6 @@ from ..transfer.layouts import (
 )
 
 LAST_CHECKPOINT = "checkpoint-last.pth"
-
-
-def file_digest(path: Union[str, Path]) -> str:
-    """The SHA-256 of a file's bytes (read in 16 MiB pieces), to tell checkpoints apart across ranks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(16 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def rng_state() -> dict:

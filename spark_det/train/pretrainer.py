@@ -46,12 +46,12 @@ from ..errors import (
     SparkDetError,
     first_line,
 )
-from ..io import PathLike, save_atomic, write_atomic
+from ..io import PathLike, file_sha256, save_atomic, write_atomic
 from ..model.leak_probe import find_leak
 from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
 from ..transfer.export import ModelCard, save_encoder_safetensors, write_export_folder
-from .checkpoint import derive_rng_state, file_digest, load_init_weights, rng_state, set_rng_state
+from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
 from .config import same_trajectory
 from .data import open_source
 from .distributed import (
@@ -214,7 +214,7 @@ class Pretrainer:
             mine = ("error", str(exc))
         if found is not None:
             path, ckpt = found
-            digest = file_digest(path) if self.dist.distributed else ""
+            digest = file_sha256(path) if self.dist.distributed else ""
             mine = ("checkpoint", (int(ckpt["epoch"]), int(ckpt["iter"])), digest, str(path))
         everyone = gather_from_every_rank(mine, self.dist)
         failed = [(rank, theirs[1]) for rank, theirs in enumerate(everyone) if theirs[0] == "error"]

@@ -14,7 +14,6 @@ safetensors holds tensors and string metadata only (no pickled code): loading it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from dataclasses import dataclass, field
@@ -25,7 +24,14 @@ import timm
 import torch
 
 from ..errors import CheckpointError, first_line
-from ..io import TEMPORARY_SUFFIX, PathLike, remove_stale_temporaries, save_safetensors_atomic, write_atomic
+from ..io import (
+    TEMPORARY_SUFFIX,
+    PathLike,
+    file_sha256,
+    remove_stale_temporaries,
+    save_safetensors_atomic,
+    write_atomic,
+)
 
 WEIGHTS_NAME = "model.safetensors"  # the first file timm's load_state_dict_from_path looks for
 CONFIG_NAME = "config.json"
@@ -40,14 +46,6 @@ def safetensors_metadata(model_name: str) -> dict[str, str]:
 def save_encoder_safetensors(state: dict[str, torch.Tensor], model_name: str, path: PathLike) -> Path:
     """A timm state dict as ``.safetensors``, with the architecture in the file's metadata."""
     return save_safetensors_atomic(state, path, safetensors_metadata(model_name))
-
-
-def sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_commit() -> str:
@@ -111,7 +109,7 @@ def write_export_folder(state: dict[str, torch.Tensor], model_name: str, folder:
     pretrained_cfg.update(tag="spark_det", paper_ids="arXiv:2301.03580", license="apache-2.0")
     text = json.dumps(config, indent=2)
     write_atomic(folder / CONFIG_NAME, lambda f: f.write(text.encode()))
-    card_text = model_card(model_name, card, config, sha256(weights), __version__, source_commit())
+    card_text = model_card(model_name, card, config, file_sha256(weights), __version__, source_commit())
     write_atomic(folder / CARD_NAME, lambda f: f.write(card_text.encode()))
     return folder
 

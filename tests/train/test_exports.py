@@ -16,9 +16,9 @@ from spark_det.cli import convert as convert_cli
 from spark_det.cli import pretrain as pretrain_cli
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.errors import EXIT_BAD_FILE, EXIT_BAD_INPUT
-from spark_det.io import load_file
+from spark_det.io import file_sha256, load_file
 from spark_det.train import Pretrainer, load_config
-from spark_det.transfer.export import ModelCard, sha256, write_export_folder
+from spark_det.transfer.export import ModelCard, write_export_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")
@@ -90,7 +90,7 @@ def test_model_card_states_provenance_digest_and_how_to_load(run_dir, images):
     folder = run_dir / "export-resnet18"
     card = (folder / "README.md").read_text()
     final_loss = losses(run_dir)[-1]
-    for fact in (sha256(folder / "model.safetensors"), f"{final_loss:.4f}", "| epochs | 2 |", "spark-det ",
+    for fact in (file_sha256(folder / "model.safetensors"), f"{final_loss:.4f}", "| epochs | 2 |", "spark-det ",
                  "commit ", f"| data | {images} (16 images", "local-dir:", "--to detectron2", "--to mmdet"):
         assert fact in card, fact
     import spark_det
