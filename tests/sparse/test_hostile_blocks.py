@@ -192,11 +192,12 @@ def test_the_leak_probe_fails_on_a_block_that_counts_masked_positions(impl):
         SparseEncoder(resnet_with(CountsMaskedMeanGate), impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("block", [AminGate, FlattenMaxGate, SoftmaxPoolGate], ids=lambda b: b.__name__)
-def test_the_leak_probe_names_a_pooling_block_left_dense(block):
+def test_the_leak_probe_names_a_pooling_block_left_dense(block, impl):
     """The same block without its conversion (its dense class back): a max or min counting a masked
     zero is invisible to one-vs-two widths of masked padding; the all-visible comparison sees it."""
-    encoder = SparseEncoder(resnet_with(block), impl="fast")
+    encoder = SparseEncoder(resnet_with(block), impl=impl)
     layer = encoder.model.layer2[0].se
     assert isinstance(layer, SparseLayer)
     dense = block.__new__(block)
