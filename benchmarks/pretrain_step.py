@@ -3,6 +3,7 @@
     python benchmarks/pretrain_step.py                                   # CPU defaults below
     python benchmarks/pretrain_step.py --device cuda --batch-size 64 --iters 20
     python benchmarks/pretrain_step.py --peer mmpretrain --models resnet50 convnext_small --parts step
+    python benchmarks/pretrain_step.py --compile --models resnet50 convnext_small   # eager vs torch.compile
 
 With ``--peer mmpretrain`` (needs ``pip install -e .[bench]``), MMPretrain's SparK, built from its
 own configs, is timed in the same round robin for the ``step`` part, and spark-det's models get its
@@ -16,6 +17,12 @@ It prints images/s, the fast/reference ratio, peak memory (CUDA: max allocated; 
 set growth after malloc_trim, reset through /proc/self/clear_refs), the activations autograd saves
 for backward (exact, device-independent) and the relative loss difference of the first step, and
 can write everything as JSON.
+
+With ``--compile [BACKEND]`` the pair is the fast path eager and the same model through
+``torch.compile`` (inductor unless a backend is named; what ``compile=true`` trains), whole
+steps only: the first step of each is timed on its own (for the compiled one: tracing and code
+generation of forward and backward, per precision), then both are timed alternately as above.
+Saved activations are not counted there (saved-tensor hooks change what the compiler traces).
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="spark-det's decoder width (0: the peer's with --peer, else the paper's 768)")
     p.add_argument("--peer", choices=["none", "mmpretrain"], default="none",
                    help="also time MMPretrain's SparK for the step part (skipped with a message if absent)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="time the fast path eager vs torch.compile'd (default backend inductor), whole steps")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -139,7 +148,7 @@ def build_pair(name: str, device: torch.device, decoder_width: int = 768) -> dic
 
 
 def measure(fns: dict[str, Callable[[], object]], args, device,
-            modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, float]]:
+            modules: dict[str, torch.nn.Module], count_saved: bool = True) -> dict[str, dict[str, float]]:
     """Time each function alternately; peak memory and saved activations from a separate call of each."""
     for _ in range(args.warmup):
         for fn in fns.values():
@@ -156,10 +165,11 @@ def measure(fns: dict[str, Callable[[], object]], args, device,
     mem = PeakMemory(device)
     for impl, fn in fns.items():
         mem.start()
-        with SavedActivations(modules[impl]) as saved:
+        with SavedActivations(modules[impl]) if count_saved else contextlib.nullcontext() as saved:
             fn()
-        results[impl] = {"images_per_s": args.iters * args.batch_size / times[impl], "peak_mib": mem.peak_mib(),
-                         "saved_activations_mib": saved.mib}
+        results[impl] = {"images_per_s": args.iters * args.batch_size / times[impl], "peak_mib": mem.peak_mib()}
+        if count_saved:
+            results[impl]["saved_activations_mib"] = saved.mib
     return results
 
 
@@ -171,13 +181,14 @@ def encoder_step(encoder, images, visible, grads, precision) -> None:
     encoder.zero_grad(set_to_none=True)
 
 
-def train_step(model, optimizer, images, visible, precision) -> None:
-    """A whole pretraining step: forward, backward, optimizer."""
+def train_step(model, optimizer, images, visible, precision, per_image=None) -> torch.Tensor:
+    """A whole pretraining step: forward, backward, optimizer; returns the loss."""
     with autocast(images.device, precision):
-        loss = model(images, visible)
+        loss = model(images, visible, per_image=per_image)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def autocast(device: torch.device, precision: str):
@@ -233,6 +244,47 @@ def run_model(name: str, args, device: torch.device) -> list[dict]:
     return rows
 
 
+def run_compiled(name: str, args, device: torch.device) -> list[dict]:
+    """The fast path's whole step, eager vs compiled (the same weights, images and mask)."""
+    torch.manual_seed(0)
+    dp = SUPPORTED_MODELS.get(name, {}).get("drop_path_rate", 0.0)
+    width = args.decoder_width or 768
+    eager = create_spark(name, drop_path_rate=dp, decoder_width=width).to(device)
+    twin = create_spark(name, drop_path_rate=dp, decoder_width=width).to(device)
+    twin.load_state_dict(eager.state_dict())
+    models = {"eager": eager, "compiled": twin}
+    calls = {"eager": eager, "compiled": torch.compile(twin, backend=args.compile)}
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g).to(device)
+    visible = eager.random_mask(images, g).to(device)
+    per_image = eager.visible_per_image(images)
+    optimizers = {k: build_optimizer(m, "lamb", lr=1e-4, weight_decay=0.04, betas=(0.9, 0.95))
+                  for k, m in models.items()}
+    rows = []
+    for precision in args.dtypes:
+        fns = {k: functools.partial(train_step, calls[k], optimizers[k], images, visible, precision, per_image)
+               for k in models}
+        first, losses = {}, {}
+        for k, fn in fns.items():  # compiled: the training graph (forward and backward) is built here
+            _sync(device)
+            t0 = time.perf_counter()
+            losses[k] = fn().item()  # the weights are still equal (both models step alike from here on)
+            _sync(device)
+            first[k] = time.perf_counter() - t0
+        res = measure(fns, args, device, models, count_saved=False)
+        row = {"model": name, "dtype": precision, "part": "step", "decoder_width": width, "backend": args.compile,
+               **{f"{k}_{m}": v for k in res for m, v in res[k].items()},
+               **{f"{k}_first_step_s": v for k, v in first.items()}}
+        row["speedup"] = res["compiled"]["images_per_s"] / res["eager"]["images_per_s"]
+        row["loss_rel_diff"] = abs(losses["compiled"] - losses["eager"]) / abs(losses["eager"])
+        rows.append(row)
+        print(f"| {name} | {precision} | {row['eager_images_per_s']:.2f} | {row['compiled_images_per_s']:.2f} | "
+              f"**{row['speedup']:.2f}x** | {first['compiled']:.0f} s ({first['eager']:.1f} s eager) | "
+              f"{row['eager_peak_mib']:.0f} | {row['compiled_peak_mib']:.0f} | {row['loss_rel_diff']:.1e} |",
+              flush=True)
+    return rows
+
+
 def _format_row(r: dict) -> str:
     extra = (f"  saved activations reference {r['reference_saved_activations_mib']:.0f} MiB, "
              f"fast {r['fast_saved_activations_mib']:.0f} MiB; loss rel diff {r['loss_rel_diff']:.1e}")
@@ -260,11 +312,18 @@ def main(argv=None) -> None:
 
         env["mmpretrain"] = mmpretrain.__version__
     print("# " + json.dumps(env))
-    print("| model | dtype | measured | reference img/s | fast img/s | speedup | reference peak MiB | fast peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    if args.compile:
+        env["compile_backend"] = args.compile
+        print("| model | dtype | eager img/s | compiled img/s | speedup | first step (compile) | eager peak MiB | "
+              "compiled peak MiB | loss rel diff |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| model | dtype | measured | reference img/s | fast img/s | speedup | reference peak MiB | "
+              "fast peak MiB |")
+        print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name in args.models:
-        rows += run_model(name, args, device)
+        rows += run_compiled(name, args, device) if args.compile else run_model(name, args, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
