@@ -57,10 +57,14 @@ def _tiny_batch(model):
 
 
 def _assert_close_gradients(eager, compiled, rtol, atol_of_max):
+    """``atol`` relative to the largest gradient of the model (as tests/sparse/test_fast_path.py):
+    a near-zero gradient (layer4's shortcut BatchNorm weight, ~1e-8) carries a relative rounding
+    error of 1e-3 in float32 whatever computes it."""
+    scale = max(p.grad.abs().max().item() for p in eager.parameters() if p.grad is not None)
     for (key, p), q in zip(eager.named_parameters(), compiled.parameters()):
         assert (p.grad is None) == (q.grad is None), key
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol_of_max * p.grad.abs().max().item(), msg=key)
+            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol_of_max * scale, msg=key)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
@@ -177,4 +181,4 @@ def test_inductor_gives_eager_losses_and_gradients_to_float_rounding():
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=0)
         eager_loss.backward()
         compiled_loss.backward()
-    _assert_close_gradients(model, twin, rtol=1e-3, atol_of_max=1e-4)
+    _assert_close_gradients(model, twin, rtol=1e-3, atol_of_max=1e-5)
