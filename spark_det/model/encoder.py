@@ -96,11 +96,13 @@ class SparseEncoder(nn.Module):
         (plain dense inference).
         """
         grid = self.grid_size(images.shape[-2:])
+        per_image = None
         if visible is None:
             visible = torch.ones(images.shape[0], 1, *grid, dtype=torch.bool, device=images.device)
+            per_image = grid[0] * grid[1]
         elif tuple(visible.shape[-2:]) != grid:
             raise ValueError(f"mask grid {tuple(visible.shape[-2:])} does not match the input's grid {grid}")
-        with self.active.use(visible):
+        with self.active.use(visible, per_image):  # inside SparK.predict: its context's count
             images = masked_fill_pixels(images, visible)
             if self.impl == "fast":  # rows are then gathered from views, without a transpose copy
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -14,7 +14,7 @@ from timm.layers import LayerNorm2d
 
 from ..sparse.blocks import densify_rows
 from ..sparse.convert import sparsify
-from ..sparse.masking import masked_fill_pixels, random_visible_mask, upsample_mask
+from ..sparse.masking import masked_fill_pixels, num_visible, random_visible_mask, upsample_mask
 from .decoder import LightDecoder
 from .encoder import SparseEncoder
 
@@ -107,9 +107,16 @@ class SparK(nn.Module):
                 dense.append(self.densify_projs[i](feat))
         return dense
 
-    def predict(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Decoder output [B, 3, H, W], in normalised-patch space when ``norm_pix_loss``."""
-        with self.encoder.active.use(visible):  # encoder and densify share the per-resolution masks
+    def visible_per_image(self, images: torch.Tensor) -> int:
+        """Patches every mask drawn by :meth:`random_mask` keeps per image (fixed by the mask ratio)."""
+        return num_visible(self.encoder.grid_size(images.shape[-2:]), self.mask_ratio)
+
+    def predict(self, images: torch.Tensor, visible: torch.Tensor, per_image: Optional[int] = None) -> torch.Tensor:
+        """Decoder output [B, 3, H, W], in normalised-patch space when ``norm_pix_loss``.
+
+        ``per_image``: the number of visible patches of every image of ``visible``, when known
+        (see :class:`~spark_det.sparse.masking.ActiveMask`; torch.compile needs it)."""
+        with self.encoder.active.use(visible, per_image):  # encoder and densify share the per-resolution masks
             return self.decoder(self.densify(self.encoder(images, visible), visible))
 
     def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,11 +140,16 @@ class SparK(nn.Module):
         images: torch.Tensor,
         visible: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        per_image: Optional[int] = None,
     ) -> torch.Tensor:
-        """Pretraining loss for a batch of normalised images; the mask is drawn unless given."""
+        """Pretraining loss for a batch of normalised images; the mask is drawn unless given.
+
+        ``per_image``: visible patches per image of a given ``visible``, when the caller knows it
+        (:meth:`visible_per_image` for masks drawn at this model's ratio); checked, and what lets
+        torch.compile give every gather and scatter a static shape."""
         if visible is None:
-            visible = self.random_mask(images, generator)
-        return self.loss(images, self.predict(images, visible), visible)
+            visible, per_image = self.random_mask(images, generator), self.visible_per_image(images)
+        return self.loss(images, self.predict(images, visible, per_image), visible)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, visible: Optional[torch.Tensor] = None,
@@ -147,10 +159,11 @@ class SparK(nn.Module):
         The reconstruction shows the prediction on masked patches (de-normalised with each
         patch's own statistics) and the original pixels on visible ones.
         """
+        per_image = None
         if visible is None:
-            visible = self.random_mask(images, generator)
+            visible, per_image = self.random_mask(images, generator), self.visible_per_image(images)
         grid = self.encoder.grid_size(images.shape[-2:])
-        prediction = patchify(self.predict(images, visible), self.patch_size)
+        prediction = patchify(self.predict(images, visible, per_image), self.patch_size)
         _, mean, std = self.targets(images)
         predicted = unpatchify(prediction * std + mean, self.patch_size, grid, images.shape[1])
         keep = upsample_mask(visible, images.shape[-2:])

@@ -53,6 +53,7 @@ def activate_map(act: nn.Module, rows: torch.Tensor, index: torch.Tensor,
     return from_rows(act(rows), index, shape)
 
 
+@torch.compiler.assume_constant_result  # torch.compile asks once, while tracing, not in the graph
 def _keeps_zero(act: nn.Module) -> bool:
     """Whether act(0) == 0, asked on a CPU tensor (no device synchronisation in the forward)."""
     try:

@@ -52,6 +52,26 @@ def upsample_mask(visible: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return visible.repeat_interleave(size[0] // h, dim=2).repeat_interleave(size[1] // w, dim=3)
 
 
+def check_visible_count(visible: torch.Tensor, per_image: int) -> None:
+    """Assert, without waiting for the device, that every image of ``visible`` has ``per_image``
+    visible patches (on a GPU a failure surfaces at the next synchronisation)."""
+    if not torch.compiler.is_compiling():  # compiled code trusts its caller (see ActiveMask)
+        counts = visible.flatten(1).sum(1)
+        torch._assert_async((counts == per_image).all(), f"a mask does not have {per_image} visible patches per image")
+
+
+def select_static(values: torch.Tensor, keep: torch.Tensor, count: int) -> torch.Tensor:
+    """``values[keep]`` for 1-D tensors when ``keep`` has exactly ``count`` True entries, in order.
+
+    The output's shape is known without reading ``keep`` (no host synchronisation, no dynamic
+    shape under torch.compile): each kept value is scattered to its rank among the kept ones,
+    the others into one spare slot past the end, which is cut off.
+    """
+    slot = torch.where(keep, keep.cumsum(0) - 1, count)
+    out = values.new_zeros(count + 1)
+    return out.scatter_(0, slot, values)[:count]
+
+
 def _index_dtype(numel: int) -> torch.dtype:
     """int32 row indices where they fit: autograd keeps them for every gather and scatter, and
     int64 ones would make the fast path keep more than the reference's boolean masks."""
@@ -66,19 +86,29 @@ class ActiveMask:
     mask. ``use`` is a context manager and re-entrant (a stack), and the per-resolution masks are
     computed once per forward pass and cached for the duration of the outermost context that
     uses the same mask.
+
+    ``per_image`` (optional) is the number of visible patches of every image of the mask, when the
+    caller knows it (SparK's random masks: it is fixed by the mask ratio). Row indices then have a
+    shape known before the mask's values are, which is what ``torch.compile`` needs (boolean
+    indexing has a data-dependent shape: a graph break at every resolution); without it they
+    come from boolean indexing. Both give the same indices.
     """
 
     def __init__(self) -> None:
-        self._stack: list[tuple[torch.Tensor, dict]] = []
+        self._stack: list[tuple[torch.Tensor, dict, Optional[int]]] = []
 
     @contextmanager
-    def use(self, visible: torch.Tensor) -> Iterator[None]:
+    def use(self, visible: torch.Tensor, per_image: Optional[int] = None) -> Iterator[None]:
         if visible.dim() != 4 or visible.shape[1] != 1 or visible.dtype != torch.bool:
             raise ValueError(f"visible mask must be bool [B, 1, h, w], got {visible.dtype} {tuple(visible.shape)}")
         # A nested use of the same mask (SparK's densify inside its prediction) shares the cache:
         # one index tensor per resolution, not a copy per context that backward would keep too.
         shared = self._stack and self._stack[-1][0] is visible
-        self._stack.append((visible, self._stack[-1][1] if shared else {}))
+        if shared and per_image is None:
+            per_image = self._stack[-1][2]
+        elif per_image is not None:
+            check_visible_count(visible, per_image)
+        self._stack.append((visible, self._stack[-1][1] if shared else {}, per_image))
         try:
             yield
         finally:
@@ -88,7 +118,12 @@ class ActiveMask:
     def is_set(self) -> bool:
         return bool(self._stack)
 
-    def _current(self) -> tuple[torch.Tensor, dict]:
+    @property
+    def count_known(self) -> bool:
+        """Whether the current mask's visible count per image is known (row indices of static shape)."""
+        return self._current()[2] is not None
+
+    def _current(self) -> tuple[torch.Tensor, dict, Optional[int]]:
         if not self._stack:
             raise RuntimeError(
                 "a sparse layer ran without a mask: call it through SparseEncoder.forward(x, visible) "
@@ -98,7 +133,7 @@ class ActiveMask:
 
     def at(self, size: tuple[int, int], dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """The current mask at spatial ``size`` as [B, 1, H, W] in ``dtype``."""
-        visible, cache = self._current()
+        visible, cache, _ = self._current()
         key = (int(size[0]), int(size[1]), dtype)
         if key not in cache:
             cache[key] = upsample_mask(visible, key[:2]).to(dtype)
@@ -111,7 +146,7 @@ class ActiveMask:
         grid, expressed at ``size`` (what a stride-s 1x1 convolution reads), in the same order as
         ``rows`` of that coarser grid. Cached for the duration of the context like :meth:`at`.
         """
-        _, cache = self._current()
+        visible, cache, per_image = self._current()
         key = ("rows", int(size[0]), int(size[1]), int(stride))
         if key not in cache:
             full = self.at(size)  # [B, 1, H, W]
@@ -119,12 +154,19 @@ class ActiveMask:
             positions = torch.arange(n, device=full.device, dtype=_index_dtype(n)).view(full.shape)
             if stride > 1:
                 full, positions = full[..., ::stride, ::stride], positions[..., ::stride, ::stride]
-            cache[key] = positions[full]
+            # Each visible patch covers (fh / s) x (fw / s) positions of the strided grid when s
+            # divides the upsampling factor; otherwise how many it covers depends on where it is.
+            fh, fw = int(size[0]) // visible.shape[2], int(size[1]) // visible.shape[3]
+            if per_image is not None and fh % stride == 0 and fw % stride == 0:
+                count = visible.shape[0] * per_image * (fh // stride) * (fw // stride)
+                cache[key] = select_static(positions.reshape(-1), full.reshape(-1), count)
+            else:
+                cache[key] = positions[full]
         return cache[key]
 
     def sample_of_row(self, size: tuple[int, int]) -> torch.Tensor:
         """Batch index of each entry of ``rows(size)`` (for per-sample operations on rows)."""
-        _, cache = self._current()
+        _, cache, _ = self._current()
         key = ("sample", int(size[0]), int(size[1]))
         if key not in cache:
             cache[key] = torch.div(self.rows(size), int(size[0]) * int(size[1]), rounding_mode="floor")

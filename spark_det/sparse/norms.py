@@ -48,11 +48,11 @@ def _visible_sum_and_count(x: torch.Tensor, mask: Optional[torch.Tensor], dims: 
     acc = accumulation_dtype(x.dtype)
     if mask is None:
         total = x.sum(dims, keepdim=True, dtype=acc)
-        size = float(math.prod(x.shape[d] for d in dims))
+        size = float(math.prod([x.shape[d] for d in dims]))  # lists, not generators: torch.compile traces them
         count = torch.full([1] * x.dim(), size, dtype=torch.float64, device=x.device)
     else:
         # Dimensions where the mask broadcasts (channels) multiply the count instead of expanding it.
-        repeat = math.prod(x.shape[d] // mask.shape[d] for d in dims)
+        repeat = math.prod([x.shape[d] // mask.shape[d] for d in dims])
         count = mask.sum(dims, keepdim=True, dtype=torch.float64) * repeat
         total = (x.to(acc) * mask.to(acc)).sum(dims, keepdim=True)
     if process_group is not None:  # one all-reduce for both, in float64 so the count stays exact
@@ -216,5 +216,6 @@ def visible_mean_rows(rows: torch.Tensor, sample: torch.Tensor, batch: int) -> t
     """Per-sample mean of gathered rows [N, C] -> [B, C] (the squeeze of SE over visible positions)."""
     acc = accumulation_dtype(rows.dtype)
     total = rows.new_zeros(batch, rows.shape[1], dtype=acc).index_add(0, sample, rows.to(acc))
-    count = torch.bincount(sample, minlength=batch).clamp_min(1).to(acc)
+    # not bincount: its output's length depends on the values (a graph break under torch.compile)
+    count = total.new_zeros(batch).index_add_(0, sample, total.new_ones(sample.shape)).clamp_min(1)
     return (total / count[:, None]).to(rows.dtype)

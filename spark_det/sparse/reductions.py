@@ -776,6 +776,10 @@ class VisibleReductions(SparseLayer):
                 child._spark_trusted = True
         return sparse
 
+    # Run eagerly under torch.compile (a graph break before and after each such module): the mode
+    # follows positions in Python dicts keyed by tensor identity and through module hooks, which
+    # the compiler cannot trace; the rest of the model (ResNet, ConvNeXt: no such module) compiles.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         mode = PositionMode(self.active, self.sparse_name, self)
         with mode:

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "clip_grad": 5.0,
     "amp": "none",  # none | bf16 | fp16
     "channels_last": False,
+    "compile": False,  # true (inductor) or a torch.compile backend name: compile the training forward/backward
     "num_workers": 8,
     "seed": 0,
     "save_every_iters": 0,  # 0: checkpoint at epoch ends only
@@ -60,6 +61,9 @@ OPTIONAL_NON_NEGATIVE_FLOAT_KEYS = ("lr", "clip_grad", "drop_path_rate", "max_lo
 BOOKKEEPING_KEYS = frozenset({
     "num_workers", "dist_timeout_s", "save_every_iters", "keep_checkpoints", "max_loss", "export_every_epochs",
     "vis_every_epochs", "vis_images", "log_every", "stop_after_iters", "leak_audit", "logger",
+    # The compiler fuses operations and so changes float rounding, nothing else (a test compares
+    # its losses with eager ones): a divergence recorded eagerly repeats when compiled.
+    "compile",
 })
 
 
@@ -174,6 +178,8 @@ def validate(cfg: dict[str, Any]) -> None:
     if not isinstance(cfg["model"], str) or not cfg["model"]:
         raise bad("model", "a timm model name")
     logger_names(cfg["logger"])
+    if not isinstance(cfg["compile"], (bool, str)) or cfg["compile"] == "":
+        raise bad("compile", "true, false or a torch.compile backend name")
 
 
 def same_trajectory(a: dict[str, Any], b: dict[str, Any]) -> bool:

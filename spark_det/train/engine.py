@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import NonFiniteLossError
-from ..sparse.masking import random_visible_mask
+from ..sparse.masking import num_visible, random_visible_mask
 from .sampler import sample_seed
 from .schedule import Schedule, apply_schedule
 
@@ -71,6 +71,8 @@ def train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         grid = grid or spark.encoder.grid_size(images.shape[-2:])
         visible = sample_masks(batch["key"], grid, spark.mask_ratio, seed, device)
+        # every mask keeps the same number of patches: gathers and scatters get static shapes
+        per_image = num_visible(grid, spark.mask_ratio)
 
         micro_losses = []
         for micro, (x, v) in enumerate(zip(images.chunk(accum_steps), visible.chunk(accum_steps))):
@@ -79,7 +81,7 @@ def train_one_epoch(
             skip_sync = micro < accum_steps - 1 and hasattr(model, "no_sync")
             with model.no_sync() if skip_sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = model(x, v) / accum_steps
+                    loss = model(x, v, per_image=per_image) / accum_steps
                 (scaler.scale(loss) if scaler else loss).backward()
             micro_losses.append(loss.detach().float())
 

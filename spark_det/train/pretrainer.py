@@ -52,6 +52,7 @@ from ..model.registry import create_spark, model_defaults
 from ..sparse.convert import UnsupportedLayerError
 from ..transfer.export import ModelCard, save_encoder_safetensors, write_export_folder
 from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
+from .compiled import compile_backend, compile_for_training
 from .config import same_trajectory
 from .data import open_source
 from .distributed import (
@@ -126,6 +127,7 @@ class Pretrainer:
             raise ConfigError(f"batch_size {cfg['batch_size']} must divide by ranks x accum_steps = "
                               f"{world} x {cfg['accum_steps']}")
         self.per_rank_batch = cfg["batch_size"] // world
+        backend = compile_backend(cfg["compile"])
         self.source = open_source(data, cfg["input_size"], cfg["seed"], self.per_rank_batch, cfg["num_workers"],
                                   self.dist, self.log, reindex, shard_counts)
         self.source.require_readable()
@@ -148,6 +150,8 @@ class Pretrainer:
             sync_batchnorms(self.spark, use_torch_sync=self.device.type == "cuda")
             self.model = DistributedDataParallel(
                 self.spark, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if backend is not None:  # the training call only: self.spark stays eager (see .compiled)
+            self.model = compile_for_training(self.model, backend)
 
         self.peak_lr = cfg["lr"] or cfg["base_lr"] * cfg["batch_size"] / 256
         betas = cfg["betas"] or model_defaults(cfg["model"])["betas"]

@@ -133,3 +133,22 @@ def test_fast_features_are_exactly_zero_at_masked_positions():
     for feat in fast.encoder(images, visible):
         keep = torch.nn.functional.interpolate(visible.float(), size=feat.shape[-2:], mode="nearest")
         assert (feat * (1 - keep)).abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_a_known_visible_count_changes_no_loss_gradient_or_statistic(name, impl):
+    """The training engine passes the mask ratio's count (static shapes for torch.compile); the
+    row indices are the same, so everything else is the same, bit for bit."""
+    reference, fast, images, visible = _pair(name)
+    model = fast if impl == "fast" else reference
+    twin = create_spark(name, sparse_impl=impl, decoder_width=64).to(torch.float64)
+    twin.load_state_dict(model.state_dict())
+    loss, twin_loss = model(images, visible), twin(images, visible, per_image=twin.visible_per_image(images))
+    assert torch.equal(loss, twin_loss)
+    loss.backward()
+    twin_loss.backward()
+    for (key, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), key
+    for (key, b), c in zip(model.named_buffers(), twin.buffers()):
+        assert torch.equal(b, c), key

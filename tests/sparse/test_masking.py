@@ -71,3 +71,36 @@ def test_row_indices_are_int32_where_they_fit():
     with active.use(torch.ones(2, 1, 2, 2, dtype=torch.bool)):
         assert active.rows((8, 8)).dtype == torch.int32
         assert torch.equal(active.rows((8, 8)), torch.arange(128, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("grid,ratio,size,stride", [((2, 2), 0.5, (8, 8), 1), ((2, 3), 0.6, (8, 12), 2),
+                                                     ((7, 7), 0.6, (56, 56), 4), ((3, 3), 0.4, (3, 3), 1)])
+def test_a_known_visible_count_gives_the_same_row_indices_with_a_static_shape(grid, ratio, size, stride):
+    """What torch.compile needs: no boolean indexing (a shape that depends on the mask's values)."""
+    visible = random_visible_mask(4, grid, ratio, torch.Generator().manual_seed(0))
+    active = ActiveMask()
+    with active.use(visible):
+        expected, samples = active.rows(size, stride), active.sample_of_row(size)
+    with active.use(visible, per_image=num_visible(grid, ratio)):
+        assert active.count_known
+        static = active.rows(size, stride)
+        assert static.dtype == expected.dtype == torch.int32
+        assert torch.equal(static, expected)
+        assert torch.equal(active.sample_of_row(size), samples)
+
+
+def test_a_stride_the_mask_patches_do_not_divide_falls_back_to_boolean_indexing():
+    """Stride 3 over patches 2 positions wide: how many positions a patch covers depends on where it is."""
+    visible = random_visible_mask(2, (3, 3), 0.5, torch.Generator().manual_seed(1))
+    active = ActiveMask()
+    with active.use(visible):
+        expected = active.rows((6, 6), 3)
+    with active.use(visible, per_image=num_visible((3, 3), 0.5)):
+        assert torch.equal(active.rows((6, 6), 3), expected)
+
+
+def test_a_wrong_visible_count_is_refused():
+    visible = random_visible_mask(2, (4, 4), 0.5, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="7 visible patches per image"):
+        with ActiveMask().use(visible, per_image=7):  # it has 8
+            pass
