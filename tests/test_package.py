@@ -34,8 +34,9 @@ def core_modules() -> list[str]:
 
 def test_the_walk_finds_every_subpackage_of_the_core():
     found = set(core_modules())
-    for module in ("spark_det.sparse.norms", "spark_det.model.spark", "spark_det.train.pretrainer",
-                   "spark_det.transfer.convert", "spark_det.cli.pretrain", "spark_det.demo.pipeline"):
+    for module in ("spark_det.sparse.norms", "spark_det.model.spark", "spark_det.data.source",
+                   "spark_det.train.pretrainer", "spark_det.transfer.convert", "spark_det.cli.pretrain",
+                   "spark_det.demo.pipeline"):
         assert module in found
 
 
