@@ -2,11 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# `make test` also runs the framework-free part of the suite (sparse, model, train, transfer) in
+# `make test` also runs the framework-free part of the suite (sparse, model, data, train, transfer) in
 # .venv-min, on the lowest torch / torchvision / timm that setup.cfg allows (tools/setup/setup_min_env.sh);
 # the slow tests there (timm families, multi-process runs) only by hand: make test-min MIN_MARKERS="not detectron2 and not mmdet"
 VENV_MIN ?= .venv-min
-MIN_TESTS ?= tests/sparse tests/model tests/train tests/transfer
+MIN_TESTS ?= tests/sparse tests/model tests/data tests/train tests/transfer
 MIN_MARKERS ?= not slow and not detectron2 and not mmdet
 RUN_MIN := $(VENV_MIN)/bin/python -m pytest $(MIN_TESTS) -m "$(MIN_MARKERS)"
 

@@ -167,7 +167,7 @@ def _read_all(index: Any, queue: Any) -> None:
 
 
 def index_memory(tree: Path) -> dict[str, Any]:
-    from spark_det.train.data import find_images
+    from spark_det.data.folder import find_images
 
     images = find_images(tree, log=lambda _: None)
     folder = images.names.folder
@@ -186,8 +186,9 @@ def throughput(folder: Path, shard_prefix: Path, samples: int, rounds: int) -> d
     """Images/s of one worker (this process): folder reader vs shard stream, same JPEGs, alternated."""
     import torch
 
-    from spark_det.train.data import UnlabeledImages, find_images
-    from spark_det.train.shards import ShardStream, index_shards, pack_shards
+    from spark_det.data.folder import UnlabeledImages, find_images
+    from spark_det.data.packing import pack_shards
+    from spark_det.data.shards import ShardStream, index_shards
 
     torch.set_num_threads(1)  # one data worker is one single-threaded process
     images = find_images(folder, log=lambda _: None)
@@ -212,7 +213,7 @@ def throughput(folder: Path, shard_prefix: Path, samples: int, rounds: int) -> d
         rates["shards"].append(samples / (time.process_time() - started))
     result = {kind: round(sorted(values)[len(values) // 2], 1) for kind, values in rates.items()}
     # the readers alone (bytes of every image, no decode), in microseconds of CPU per image
-    from spark_det.train.shards import read_samples
+    from spark_det.data.shards import read_samples
 
     started = time.process_time()
     for _ in range(rounds):
@@ -231,9 +232,9 @@ def throughput(folder: Path, shard_prefix: Path, samples: int, rounds: int) -> d
 def loader_throughput(work: Path, jpegs: list[Path], workers: int, batch: int, batches: int) -> dict[str, Any]:
     """Images/s of the pretraining loader with ``workers`` data workers, folder and shards, measured
     from its first batch to its last (the first batch's wait, worker start-up included, apart)."""
-    from spark_det.train.data import open_source
+    from spark_det.data.packing import pack_shards
+    from spark_det.data.source import open_source
     from spark_det.train.distributed import DistInfo
-    from spark_det.train.shards import pack_shards
 
     files = batch * (batches + 1)
     folder = make_tree(work / f"loader{files}", files, jpegs)
@@ -297,7 +298,7 @@ def main() -> None:
     print(f"old walk (rglob + is_file): {walked:,} files in {walk_s:.1f} s", flush=True)
 
     shutil.rmtree(cache, ignore_errors=True)
-    build = timed_command([sys.executable, "-c", "import sys; from spark_det.train.data import find_images; "
+    build = timed_command([sys.executable, "-c", "import sys; from spark_det.data.folder import find_images; "
                            "find_images(sys.argv[1], reindex=True)", str(tree)], env)
     results["index_build"] = build
     print(f"index build from nothing ('indexed ... in X s'; wall includes Python start-up and imports): {build}",

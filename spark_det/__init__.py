@@ -1,8 +1,9 @@
 """spark-det: SparK masked image modeling for any timm CNN, with Detectron2 and MMDetection transfer.
 
 Subpackages: ``sparse`` (masking and sparse execution of a dense CNN), ``model`` (encoder,
-decoder, SparK, supported models), ``train`` (the pretraining run), ``transfer`` (weight layouts
-and converters), and the framework adapters ``d2`` and ``mmdet``, which the core never imports.
+decoder, SparK, supported models), ``data`` (the pretraining data sources), ``train`` (the
+pretraining run), ``transfer`` (weight layouts and converters), and the framework adapters ``d2``
+and ``mmdet``, which the core never imports.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -30,7 +30,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_index_cache(tmp_path_factory):
-    """Data indexes (spark_det.train.index) go to a folder of this test session, not ~/.cache;
+    """Data indexes (spark_det.data.index) go to a folder of this test session, not ~/.cache;
     subprocesses (the CLI, torchrun) inherit it."""
     import os
 

@@ -30,7 +30,7 @@ def build_parser():
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    from ..train.shards import pack_shards
+    from ..data.packing import pack_shards
 
     args = parse_with_output(build_parser(), argv)
     pack_shards(args.data, args.output, args.shard_size, args.overwrite)

@@ -18,9 +18,6 @@ from ..sparse.masking import masked_fill_pixels, num_visible, random_visible_mas
 from .decoder import LightDecoder
 from .encoder import SparseEncoder
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, h*w, patch*patch*C], patches in row-major grid order."""

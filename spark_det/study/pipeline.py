@@ -324,8 +324,8 @@ def _count_unlabeled(source: str) -> tuple[int, str]:
     """How many unlabeled images (for the plan; 0 for WebDataset shards, whose count is known only once read),
     and the source as the pretraining (started in the checkout) must name it. A missing or empty folder stops
     the study here, before anything runs."""
-    from ..train.data import find_images
-    from ..train.shards import is_shard_source
+    from ..data.folder import find_images
+    from ..data.shards import is_shard_source
 
     if is_shard_source(source):
         return 0, source

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..data.sampler import sample_seed
 from ..errors import NonFiniteLossError
 from ..sparse.masking import num_visible, random_visible_mask
-from .sampler import sample_seed
 from .schedule import Schedule, apply_schedule
 
 

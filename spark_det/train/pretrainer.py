@@ -37,6 +37,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.source import open_source
 from ..errors import (
     CheckpointError,
     ConfigError,
@@ -54,7 +55,6 @@ from ..transfer.export import ModelCard, save_encoder_safetensors, write_export_
 from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
 from .compiled import compile_backend, compile_for_training
 from .config import same_trajectory
-from .data import open_source
 from .distributed import (
     all_true,
     gather_from_every_rank,
@@ -111,7 +111,7 @@ class Pretrainer:
         init_weights: start a new run from a spark-det full/encoder checkpoint or the paper's files.
         device: 'auto', 'cpu' or 'cuda'.
         log: where the main rank's messages go (``print`` by default).
-        reindex: rebuild the data source's cached index (:mod:`.index`) even if it looks fresh.
+        reindex: rebuild the data source's cached index (:mod:`spark_det.data.index`) even if it looks fresh.
         shard_counts: a file of the shards' sample counts (OpenCLIP's sizes.json or a wids index).
     """
 

@@ -11,11 +11,13 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.utils import save_image
 
+from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data.decode import read_images
+from ..data.folder import find_images
 from ..errors import CheckpointError, DataError, first_line
 from ..io import PathLike, load_file, write_atomic
 from ..model.registry import create_spark
-from ..model.spark import IMAGENET_MEAN, IMAGENET_STD, SparK
-from .data import find_images, read_images
+from ..model.spark import SparK
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:

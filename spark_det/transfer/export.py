@@ -89,7 +89,7 @@ def write_export_folder(state: dict[str, torch.Tensor], model_name: str, folder:
     from timm.models._hub import save_config_for_hf  # timm 1.0 exports it from the private module only
 
     from .. import __version__
-    from ..model.spark import IMAGENET_MEAN, IMAGENET_STD
+    from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 
     folder = Path(folder)
     if folder.is_dir():  # a killed export's temporaries must not travel with the folder

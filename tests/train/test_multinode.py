@@ -196,7 +196,7 @@ def test_srun_without_torchrun_reads_the_slurm_variables(images, straight, tmp_p
 
 @pytest.fixture(scope="module")
 def shards(images, tmp_path_factory):
-    from spark_det.train.shards import pack_shards
+    from spark_det.data.packing import pack_shards
 
     prefix = tmp_path_factory.mktemp("shards") / "train"
     count = len(pack_shards(str(images), str(prefix), shard_size=4, log=lambda _: None))

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from spark_det.cli import pretrain as pretrain_cli
+from spark_det.data.decode import load_rgb
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.errors import CheckpointError
 from spark_det.io import load_file, save_atomic
 from spark_det.model import create_spark
 from spark_det.train.checkpoint import load_init_weights
-from spark_det.train.data import load_rgb
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")

@@ -20,12 +20,13 @@ import pytest
 import torch
 
 from spark_det.cli import pack_shards as pack_cli
+from spark_det.data.folder import UnlabeledImages, find_images
+from spark_det.data.index import IndexCache, encode_names
+from spark_det.data.packing import pack_shards
+from spark_det.data.shards import ShardStream, deal_shards, index_shards, sample_key
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.train import load_config
-from spark_det.train.data import UnlabeledImages, find_images
-from spark_det.train.index import IndexCache, encode_names
 from spark_det.train.pretrainer import Pretrainer
-from spark_det.train.shards import ShardStream, deal_shards, index_shards, pack_shards, sample_key
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")

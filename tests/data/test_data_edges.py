@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 
 from spark_det.cli import pack_shards as pack_cli
+from spark_det.data.folder import find_images
+from spark_det.data.index import SUPERSEDED, IndexCache, encode_names
+from spark_det.data.packing import pack_shards
+from spark_det.data.shards import CountsFileError, ShardSource, index_shards
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.errors import DataError
-from spark_det.train.data import find_images
 from spark_det.train.distributed import DistInfo
-from spark_det.train.index import SUPERSEDED, IndexCache, encode_names
-from spark_det.train.shards import CountsFileError, ShardSource, index_shards, pack_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = SceneConfig(image_size=(32, 32))

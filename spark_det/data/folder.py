@@ -1,4 +1,5 @@
-"""Unlabeled image data for pretraining: folders, ImageNet layouts or path lists, read robustly.
+"""Unlabeled images in a folder (ImageNet's train/<class>/ layout included) or listed in a text
+file, as a pretraining data source (:class:`FolderSource`), read robustly.
 
 Reproducibility: each sample's augmentation is drawn from a seed derived from (seed, epoch,
 index), and the sampler (:mod:`.sampler`) hands (epoch, index) pairs to the dataset. So the data
@@ -11,26 +12,22 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
 from ..errors import DataError
-from ..model.spark import IMAGENET_MEAN, IMAGENET_STD
+from .batches import collate, one_line_errors
+from .decode import IMAGE_EXTENSIONS, UNREADABLE, load_rgb, require_readable
 from .index import IndexCache, Progress, shared_index
 from .sampler import EpochSampler, sample_seed
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+from .transforms import pretrain_transform
 
 
 class ImageIndex(Sequence[Path]):
     """The image files of a data source, in a fixed order: paths decoded on demand from the
-    memory-mapped :class:`~spark_det.train.index.NameIndex` (nothing per file in Python memory)."""
+    memory-mapped :class:`~spark_det.data.index.NameIndex` (nothing per file in Python memory)."""
 
     def __init__(self, root: Path, names: Sequence[str], source: object) -> None:
         self.root, self.names, self.source = root, names, source
@@ -166,60 +163,6 @@ def _some(names: list[str], source: Path, unreadable: Sequence[tuple[str, str]] 
     return names
 
 
-def load_rgb(path: Union[str, Path]) -> Image.Image:
-    """Open any common image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit included."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            if img.mode == "F":
-                peak = max(float(arr.max()), 1e-12)
-            img = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-        elif img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        return img.convert("RGB")
-
-
-UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises for bad files
-
-
-def read_images(paths: Sequence[Path], count: int) -> tuple[list[tuple[Path, Image.Image]], list[tuple[Path, str]]]:
-    """The first ``count`` readable images of ``paths`` (as RGB), and (path, reason) for each
-    unreadable one met on the way."""
-    good, bad = [], []
-    for path in paths:
-        if len(good) == count:
-            break
-        try:
-            good.append((path, load_rgb(path)))
-        except UNREADABLE as exc:
-            bad.append((path, str(exc) or type(exc).__name__))
-    return good, bad
-
-
-def require_readable(paths: Sequence[Path], source: object, sample: int = 16) -> None:
-    """Fail fast, before a run writes anything, when none of ``sample`` images spread over the
-    data set can be read (a folder of corrupt files, or files that are not images)."""
-    step = max(len(paths) / sample, 1.0)
-    picks = sorted({int(i * step) for i in range(min(sample, len(paths)))})
-    good, bad = read_images([paths[i] for i in picks], 1)
-    if not good:
-        path, reason = bad[0]
-        raise DataError(f"none of the {len(picks)} images sampled from {source} can be read (e.g. {path}: "
-                        f"{reason}); is the data corrupt, or not images?")
-
-
-def pretrain_transform(input_size: Sequence[int], scale: tuple[float, float] = (0.67, 1.0)) -> transforms.Compose:
-    """The paper's augmentation: RandomResizedCrop (bicubic), horizontal flip, ImageNet normalisation."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(tuple(input_size), scale=scale, interpolation=InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
 class UnlabeledImages(Dataset):
     """Images for pretraining. Items are keyed by (epoch, index); see the module docstring.
 
@@ -264,31 +207,9 @@ class UnlabeledImages(Dataset):
                         "corrupt?")
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack a batch's images; gather the indices of the files it skipped; keep its (epoch, index) keys."""
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "skipped": [index for it in items for index in it["skipped"]],
-        "key": [it["key"] for it in items],
-        "position": items[-1].get("position"),  # a shard stream's point after this batch (shards.py)
-    }
-
-
-def one_line_errors(batches: Iterable[dict]) -> Iterator[dict]:
-    """``batches``, with a DataError raised in a DataLoader worker (which torch re-raises with the
-    worker's traceback in its message) turned back into its own one-line message."""
-    try:
-        yield from batches
-    except DataError as exc:
-        lines = str(exc).strip().splitlines()
-        if len(lines) == 1:
-            raise
-        raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
-
-
 class FolderSource:
-    """Pretraining data from a folder or a path list: what the Pretrainer needs of a data source
-    (the other one is :class:`~spark_det.train.shards.ShardSource`)."""
+    """Pretraining data from a folder or a path list: a :class:`~spark_det.data.source.DataSource`
+    (the other one is :class:`~spark_det.data.shards.ShardSource`)."""
 
     def __init__(self, data: Union[str, Path], input_size: Sequence[int], seed: int, per_rank_batch: int,
                  num_workers: int, info: Any, log: Callable[[str], None] = print, reindex: bool = False) -> None:
@@ -325,17 +246,3 @@ class FolderSource:
 
     def restore(self, saved: Optional[list], epoch: int, first: int) -> str:
         return ""
-
-
-def open_source(data: Union[str, Path], input_size: Sequence[int], seed: int, per_rank_batch: int,
-                num_workers: int, info: Any, log: Callable[[str], None] = print,
-                reindex: bool = False, shard_counts: Optional[str] = None) -> Union[FolderSource, Any]:
-    """The data source ``--data`` names: WebDataset shards (a pattern or URL), a folder or a path
-    list; ``shard_counts`` is a file of the shards' sample counts (sizes.json or a wids index)."""
-    from .shards import ShardSource, is_shard_source
-
-    if is_shard_source(data):
-        return ShardSource(str(data), input_size, seed, per_rank_batch, num_workers, info, log, reindex, shard_counts)
-    if shard_counts:
-        raise DataError(f"--shard-counts applies to WebDataset shards, and --data {data} is a folder or path list")
-    return FolderSource(str(data), input_size, seed, per_rank_batch, num_workers, info, log, reindex)
