@@ -234,7 +234,7 @@ def loader_throughput(work: Path, jpegs: list[Path], workers: int, batch: int, b
     from its first batch to its last (the first batch's wait, worker start-up included, apart)."""
     from spark_det.data.packing import pack_shards
     from spark_det.data.source import open_source
-    from spark_det.train.distributed import DistInfo
+    from spark_det.distributed import DistInfo
 
     files = batch * (batches + 1)
     folder = make_tree(work / f"loader{files}", files, jpegs)

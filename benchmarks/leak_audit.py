@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from spark_det.model import create_spark  # noqa: E402
 from spark_det.model.leak_probe import find_leak  # noqa: E402
-from spark_det.train.distributed import unsynchronised_copy  # noqa: E402
+from spark_det.train.sync_batchnorm import unsynchronised_copy  # noqa: E402
 
 
 def measure(model: str, repeats: int) -> dict:

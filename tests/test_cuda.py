@@ -170,7 +170,7 @@ def test_twenty_ddp_steps_with_nccl_and_sync_batchnorm_on_one_gpu_match_plain_st
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from spark_det.train.distributed import sync_batchnorms
+    from spark_det.train.sync_batchnorm import sync_batchnorms
 
     name, size, batch = ("resnet50", 128, 16) if ON_GPU else ("test_resnet", 64, 4)
     torch.manual_seed(0)

@@ -44,8 +44,8 @@ def build_parser():
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    from ..distributed import cleanup
     from ..train import Pretrainer, load_config
-    from ..train.distributed import cleanup
 
     parser = build_parser()
     args = parse_with_output(parser, argv, intermixed=True)  # key=value overrides may stand anywhere

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..distributed import on_main_rank
 from ..io import write_atomic
 
 INDEX_VERSION = 1
@@ -294,7 +295,6 @@ def shared_index(cache: IndexCache, is_fresh: Callable[[dict], bool],
     rank 0's cache (a node-local ``$SPARK_DET_CACHE``) receives the files over the process group
     and stores them, so no rank ever walks the source itself.
     """
-    from ..train.distributed import on_main_rank  # here, not at the top: data does not import train at module level
 
     def find_or_build() -> tuple[str, str]:
         live = None if reindex else cache.current()

@@ -13,7 +13,7 @@ from :func:`visible_moments`:
 
 Every path uses it: per-layer sparse norms (:mod:`.layers`), the fast path's row blocks
 (:mod:`.blocks`), the reference emulation (:mod:`.reference`), SparK's densify norms, and the dense
-decoder's synchronised BatchNorm on CPU (:mod:`spark_det.train.distributed`).
+decoder's synchronised BatchNorm on CPU (:mod:`spark_det.train.sync_batchnorm`).
 """
 
 from __future__ import annotations

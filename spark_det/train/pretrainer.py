@@ -38,6 +38,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.source import open_source
+from ..distributed import all_true, gather_from_every_rank, init_distributed, on_main_rank, require_same_on_every_rank
 from ..errors import (
     CheckpointError,
     ConfigError,
@@ -55,21 +56,13 @@ from ..transfer.export import ModelCard, save_encoder_safetensors, write_export_
 from .checkpoint import derive_rng_state, load_init_weights, rng_state, set_rng_state
 from .compiled import compile_backend, compile_for_training
 from .config import same_trajectory
-from .distributed import (
-    all_true,
-    gather_from_every_rank,
-    init_distributed,
-    on_main_rank,
-    require_same_on_every_rank,
-    sync_batchnorms,
-    unsynchronised_copy,
-)
 from .engine import train_one_epoch
 from .optim import build_optimizer
 from .progress import ProgressLog
 from .run_dir import METRICS, Position, RunDirectory, RunLock, load_run_checkpoint
 from .schedule import Schedule
 from .summary import rewind_summary, write_epoch_summary
+from .sync_batchnorm import sync_batchnorms, unsynchronised_copy
 from .trackers import Trackers, logger_names, require_trackers
 from .visualize import save_reconstruction_grid
 

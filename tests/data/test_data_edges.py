@@ -26,8 +26,8 @@ from spark_det.data.index import SUPERSEDED, IndexCache, encode_names
 from spark_det.data.packing import pack_shards
 from spark_det.data.shards import CountsFileError, ShardSource, index_shards
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
+from spark_det.distributed import DistInfo
 from spark_det.errors import DataError
-from spark_det.train.distributed import DistInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = SceneConfig(image_size=(32, 32))

@@ -12,8 +12,8 @@ from spark_det.data.packing import pack_shards
 from spark_det.data.shards import ShardSource
 from spark_det.data.source import DataSource, open_source
 from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
+from spark_det.distributed import DistInfo
 from spark_det.errors import DataError
-from spark_det.train.distributed import DistInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = [name for name, member in vars(DataSource).items()

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from spark_det.model import create_spark
 from spark_det.sparse.layers import SparseLayer
-from spark_det.train.distributed import DenseSyncBatchNorm2d, StillSparseError, assert_still_sparse, sync_batchnorms
+from spark_det.train.sync_batchnorm import DenseSyncBatchNorm2d, StillSparseError, assert_still_sparse, sync_batchnorms
 
 
 def _sparse_layers(model):
