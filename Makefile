@@ -10,7 +10,7 @@ MIN_TESTS ?= tests/sparse tests/model tests/data tests/train tests/transfer
 MIN_MARKERS ?= not slow and not detectron2 and not mmdet
 RUN_MIN := $(VENV_MIN)/bin/python -m pytest $(MIN_TESTS) -m "$(MIN_MARKERS)"
 
-.PHONY: setup setup-min test test-min test-fast demo lint clean
+.PHONY: setup setup-min test test-min test-fast demo lint docs clean
 
 setup:
 	bash tools/setup/setup_env.sh
@@ -34,5 +34,10 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check spark_det tools tests benchmarks
 
+# The documentation site (mkdocs.yml, docs/), built offline into site/; strict: a broken link or anchor fails.
+# tests/test_docs.py builds it the same way in the test suite.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs site .pytest_cache

@@ -1,5 +1,5 @@
 """The demo's SparK-vs-scratch fine-tune pair on given weights and data, with config overrides: how the
-demo's detection settings were chosen (README "Demo results", docs/demo_tuning.md).
+demo's detection settings were chosen (docs/results/demo-seeds.md, docs/results/demo-tuning.md).
 
     # a finished demo's weights and data; the demo's own pair, then one with Detectron2's lr halved
     python benchmarks/demo_pair.py --demo outputs/demo --framework detectron2 --seed 0

@@ -2,7 +2,7 @@
 
 Built from MMPretrain's own configs (``mmpretrain::spark/...``), the models its recipes train, so the
 comparison is with what MMPretrain users run, not with a re-implementation. Install it for
-benchmarking only (``pip install -e .[bench]``, see the README's benchmarks section); without it the
+benchmarking only (``pip install -e .[bench]``, see docs/benchmarks.md); without it the
 benchmark skips the peer with one line.
 
 Differences that cannot be removed, said here once: MMPretrain draws its mask inside ``loss`` (same

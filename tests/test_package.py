@@ -1,5 +1,5 @@
 """The package's shape: the core stays framework-free, the public API and the commands are where
-the README says they are."""
+the docs say they are (docs/layout.md, docs/api.md, the commands table of docs/getting-started.md)."""
 
 import ast
 import pkgutil

@@ -4,7 +4,7 @@
     spark-det demo --output outputs/demo          # what `make demo` runs (~10 min on 2 idle cores)
     spark-det demo --seeds 1 --pretrain-seed 1 --output outputs/demo_seed1   # the same demo, another seed
     spark-det demo --output outputs/long --protocol full --num-unlabeled 4000 --pretrain-epochs 3 \\
-        --finetune-iters 500 --seeds 0 1 2         # the longer benchmark in the README (~40 min)
+        --finetune-iters 500 --seeds 0 1 2         # the longer benchmark, docs/results/ (~40 min)
 
 Writes results.md / results.json (box and mask AP, AP50, AP75 per framework and initialisation, SparK
 minus scratch paired by seed, a verdict), ap.png, pretrain_loss.png and reconstruction.png to --output.

@@ -26,7 +26,7 @@ FINETUNE_SIZE = 96  # the demo fine-tunes its 128 px images at 96 px (3 x 3 pret
 # labelled "object". With the six shape classes, no detector learned to call any region a shape within
 # the demo's budget (foreground accuracy 0 at every iteration in both frameworks, every AP below 4,
 # the ranking between SparK and scratch decided by noise); with one class it does within 100-200
-# iterations and AP is 10-25, where the backbone's features decide the ranking (docs/demo_tuning.md).
+# iterations and AP is 10-25, where the backbone's features decide the ranking (docs/results/demo-tuning.md).
 DEMO_SCENE = SceneConfig(min_objects=1, max_objects=4, min_scale=0.2, max_scale=0.5, min_visible_fraction=0.5,
                          disc_clutter=False, single_class=True)
 

@@ -1,7 +1,8 @@
-"""Which timm CNN families SparK runs, and how: the table in the README, computed from the models.
+"""Which timm CNN families SparK runs, and how: the table of the docs' supported-models page
+(docs/models.md), computed from the models.
 
-    python -m spark_det.model.families              # print the markdown table
-    python -m spark_det.model.families --write README.md   # replace the table between its markers
+    python -m spark_det.model.families                          # print the markdown table
+    python -m spark_det.model.families --write docs/models.md   # replace the table between its markers
 
 For one small model per family it builds the sparse encoder on both implementations (with the
 construction probe, which refuses a model whose features depend on masked patches) and reports
@@ -31,6 +32,7 @@ FAMILIES: dict[str, str] = {
     "LambdaNet": "lambda_resnet26t", "HRNet": "hrnet_w18_small", "HGNetV2": "hgnetv2_b0",
 }
 START, END = "<!-- timm-support-table:start -->", "<!-- timm-support-table:end -->"
+PAGE = "docs/models.md"  # the page that holds the table, between START and END
 
 
 def support(model: str) -> str:
@@ -56,7 +58,8 @@ def table(families: Optional[dict[str, str]] = None) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", default=None, help="a markdown file whose table (between its markers) to replace")
+    parser.add_argument("--write", default=None,
+                        help=f"a markdown file whose table (between its markers) to replace: {PAGE}")
     args = parser.parse_args(argv)
     text = table()
     if args.write is None:
@@ -65,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path = Path(args.write)
     doc = path.read_text()
     if START not in doc or END not in doc:
-        print(f"error: {path} has no {START} ... {END} markers", file=sys.stderr)
+        print(f"error: {path} has no {START} ... {END} markers (the table lives in {PAGE})", file=sys.stderr)
         return 2
     head, rest = doc.split(START, 1)
     path.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")

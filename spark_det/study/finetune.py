@@ -24,12 +24,12 @@ MMDET_CONFIG = "det_configs/mmdet/mask-rcnn_r18_fpn_cpu_demo.py"
 # MMDetection's heads on the frozen backbone learn better at half its config's AdamW lr (2e-3, kept for full
 # fine-tuning): with the six-class demo, 1e-3 raised every metric's mean for SparK and for scratch on four seeds'
 # weights (box AP 1.9 -> 2.7 and 1.4 -> 2.2); with the one-class demo, 2e-3 cost SparK 4.2 box AP (seed 0), and
-# with decoder width 192 5.9 and 0.1 (seeds 1, 5) while scratch's moved -1.5 and -1.3 (docs/demo_tuning.md).
+# with decoder width 192 5.9 and 0.1 (seeds 1, 5) while scratch's moved -1.5 and -1.3 (docs/results/demo-tuning.md).
 FROZEN_MMDET_LR = 1e-3
 # The frozen random baseline is the whole ResNet with random weights in both frameworks. MMDetection's
 # default zero-initialises the last norm of every residual branch (a training aid), which in a frozen random
 # network removes all branch convolutions and leaves the stem and the 1x1 shortcut convolutions;
-# Detectron2's random ResNet has every branch, and so does every pretrained one (docs/demo_tuning.md has the
+# Detectron2's random ResNet has every branch, and so does every pretrained one (docs/results/demo-tuning.md has the
 # runs against both baselines). Full fine-tuning keeps MMDetection's default: its branches learn.
 FROZEN_MMDET_OPTIONS = (f"optim_wrapper.optimizer.lr={FROZEN_MMDET_LR}", "model.backbone.zero_init_residual=False")
 

@@ -139,12 +139,12 @@ def test_sparsify_without_a_probe_still_refuses_unknown_layers():
         sparsify(nn.Sequential(nn.Conv2d(3, 3, 1), Shift()), SparseEncoder("resnet18").active)
 
 
-def test_the_readme_table_is_what_the_models_say():
+def test_the_supported_models_page_table_is_what_the_models_say():
     from pathlib import Path
 
-    from spark_det.model.families import END, FAMILIES, START, table
+    from spark_det.model.families import END, FAMILIES, PAGE, START, table
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert readme.split(START, 1)[1].split(END, 1)[0].strip() == table(), (
-        "README's table is stale: python -m spark_det.model.families --write README.md")
+    page = (Path(__file__).resolve().parents[2] / PAGE).read_text()
+    assert page.split(START, 1)[1].split(END, 1)[0].strip() == table(), (
+        f"{PAGE}'s table is stale: python -m spark_det.model.families --write {PAGE}")
     assert set(FAMILIES.values()) == set(TESTED), "every family in the table is tested above"

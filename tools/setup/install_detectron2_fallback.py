@@ -11,7 +11,7 @@ smallest compatibility layer that lets Mask R-CNN train and evaluate on CPU:
 * ``np.bool`` -> ``bool`` and ``Image.LINEAR`` -> ``Image.BILINEAR`` (the fixes upstream made).
 
 THIS IS A CPU TEST FALLBACK, not a Detectron2 build: for real GPU training install the official
-Detectron2 (see README). Run with the interpreter of the target environment.
+Detectron2 (see docs/getting-started.md). Run with the interpreter of the target environment.
 """
 
 from __future__ import annotations

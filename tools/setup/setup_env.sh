@@ -55,6 +55,7 @@ BASE_PINS=(
   "termcolor" "tabulate" "cloudpickle"
   "pytest>=7" "pytest-timeout" "ruff"
   "safetensors>=0.4" "wandb" "mlflow-skinny"  # the tracker tests (W&B offline, MLflow file store)
+  "mkdocs>=1.6,<2" "mkdocs-material>=9.5,<10"  # make docs, and tests/test_docs.py's strict build
 )
 
 WANT="$(fingerprint "$ROOT/tools/setup/setup_env.sh" "$ROOT/tools/setup/common.sh" \
