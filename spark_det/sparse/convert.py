@@ -308,6 +308,7 @@ def sparsify(
     plan = PooledPlan.of(model, probe) if probe is not None else PooledPlan(set(), set())
 
     per_position: set[str] = set()
+    trusted = trusted_in_audit(impl)
 
     def visit(parent: nn.Module, prefix: str) -> nn.Module:
         chosen = selected is None or prefix in selected
@@ -318,6 +319,13 @@ def sparsify(
             # a leaf that pools (a global pool; a max pool whose window covers the map)
             return sparse_subclass(type(parent), VisibleReductions).adopt(parent, active, prefix)
         convert = _converter_for(parent, impl)
+        if convert is not None and children and any(
+                name.startswith(f"{prefix}.") and not trusted(name, module)
+                for name, module in parent.named_modules(prefix=prefix) if name in plan.owners):
+            # a module holding an unknown one whose own code reduces over positions (a gate a user
+            # put into a block the fast path knows) is not replaced whole: its children are
+            # converted one by one, that one to visible positions
+            convert = None
         if convert is not None and chosen:
             # SE modules and row blocks are replaced whole: their children run on pooled
             # [B, C, 1, 1] vectors or on gathered rows.

@@ -813,6 +813,7 @@ class Audit:
     def run(self, images: torch.Tensor, forward: Callable[[torch.Tensor], Any]) -> None:
         mode = PositionMode(None, audit=self)
         handles = []
+        suspended: list[int] = []  # the trust counts that untrusted modules running inside trusted ones set aside
         for name, module in self.modules.items():
             trusted = self.is_trusted(name, module)
 
@@ -820,10 +821,20 @@ class Audit:
                 self.stack.append(name)
                 if trusted:
                     mode.trusted += 1
+                    return
+                # Trust covers a module's own code, not an unknown module placed inside it (a gate a
+                # user put into a block the fast path knows): that one is read like any other, its
+                # input map followed from where it enters.
+                suspended.append(mode.trusted)
+                if mode.trusted:
+                    mode.trusted = 0
+                    mode.tag_input_map(inputs[0] if inputs else None)
 
             def post(m, inputs, output, name=name, trusted=trusted):
                 self.stack.pop()
-                if trusted:
+                if not trusted:
+                    mode.trusted = suspended.pop()
+                else:
                     mode.trusted -= 1
                     if not mode.trusted and isinstance(output, torch.Tensor):
                         source = next((mode.track_of(i) for i in inputs if mode.track_of(i) is not None), None)

@@ -7,6 +7,8 @@ when every patch is visible; a refused one must be refused at construction, nami
 class and the operation. The leak probe itself is shown failing on blocks that count masked positions.
 """
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -14,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spark_det.model.encoder import SparseEncoder
-from spark_det.model.leak_probe import find_leak
+from spark_det.model.leak_probe import find_leak, randomise_like_training
 from spark_det.sparse.convert import UnsupportedLayerError
 from spark_det.sparse.layers import SparseLayer
+from spark_det.sparse.reductions import VisibleReductions
 
 
 class Gate(nn.Module):
@@ -213,3 +216,40 @@ def test_global_context_models_are_leak_free_with_every_weight_randomised(name, 
     encoder = SparseEncoder(name, impl=impl)
     assert find_leak(encoder, randomise=True, seed=5) is None
     assert_equals_dense_with_every_patch_visible(encoder, timm.create_model(name, num_classes=0, global_pool=""))
+
+
+class InnerMaxGate(nn.Module):
+    """A gate a user puts after a block's convolution: x * sigmoid(max over positions)."""
+
+    def forward(self, x):
+        return x * x.amax((2, 3), keepdim=True).sigmoid()
+
+
+def resnet_with_a_gate_inside_a_block() -> nn.Module:
+    model = timm.create_model("resnet18", num_classes=0, global_pool="")
+    model.layer3[0].conv1 = nn.Sequential(model.layer3[0].conv1, InnerMaxGate())
+    return model
+
+
+def visible_features_change_when_masked_patches_are_added(encoder: SparseEncoder) -> float:
+    """Largest change of the visible part of any feature map between one visible patch alone and
+    the same patch with three masked patches beside it (every weight randomised, eval mode)."""
+    probe = copy.deepcopy(encoder).double()
+    randomise_like_training(probe, torch.Generator().manual_seed(0))
+    probe.eval()
+    r = probe.downsample_ratio
+    image = torch.randn(1, 3, r, r, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    one = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    with torch.no_grad():
+        alone, beside = probe(image, one), probe(F.pad(image, (0, 3 * r)), F.pad(one, (0, 3)))
+    return max((a - b.narrow(-1, 0, a.shape[-1])).abs().max().item() for a, b in zip(alone, beside))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_reducing_module_inside_a_block_the_fast_path_knows_is_taken_over_visible_positions(impl):
+    """Trust in a known block covers its own code, not an unknown module put inside it: the gate is
+    found, converted (the block then runs layer by layer) and nothing masked reaches a visible feature."""
+    encoder = SparseEncoder(resnet_with_a_gate_inside_a_block(), impl=impl)
+    assert isinstance(encoder.model.layer3[0].conv1[1], VisibleReductions)
+    assert visible_features_change_when_masked_patches_are_added(encoder) < 1e-9
+    assert_equals_dense_with_every_patch_visible(encoder, resnet_with_a_gate_inside_a_block())
