@@ -31,6 +31,16 @@ def owned_shards(prefix: str) -> list[str]:
     return sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if mine.fullmatch(n))
 
 
+def _recorded_shards(folder: str) -> set[str]:
+    """The shard names the folder's ``sizes.json`` records (those pack-shards wrote there)."""
+    try:
+        with open(os.path.join(folder, COUNTS_FILES[0]), encoding="utf-8") as f:
+            sizes = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    return set(sizes) if isinstance(sizes, dict) else set()
+
+
 def _update_sizes_json(folder: str, counts: dict[str, int], removed: Sequence[str], mode: int, log: Any) -> None:
     """Record a packing's shard counts in the folder's ``sizes.json`` (OpenCLIP's format, read by
     :func:`~spark_det.data.shards.shard_counts`), keeping the entries of every other packing there."""
@@ -110,9 +120,16 @@ def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool 
         os.chmod(path, 0o666 & ~umask)  # readable like any file the user writes (temporaries are private)
         written.append(path)
         progress.tick(min(start + shard_size, len(images)), "images packed")
-    stale = existing[len(written):]  # an earlier, longer packing under the same prefix: its shards only
+    # An earlier, longer packing under the same prefix: its shards are those its sizes.json records
+    # (written by pack-shards); a file that only matches the name pattern was not, and stays.
+    rewritten = {os.path.basename(p) for p in written}
+    recorded = _recorded_shards(folder)
+    stale = [n for n in existing if n not in rewritten and n in recorded]
     for name in stale:
         os.remove(os.path.join(folder, name))
+    for name in (n for n in existing if n not in rewritten and n not in recorded):
+        log(f"[pack-shards] warning: left {os.path.join(folder, name)} in place: named like a shard of this "
+            "packing, but no packing recorded writing it (sizes.json)")
     counts = {os.path.basename(p): count_samples(p) for p in written}
     packed = sum(counts.values())
     if packed != len(images) - len(left_out):

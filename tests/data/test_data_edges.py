@@ -73,6 +73,23 @@ def test_overwrite_replaces_only_the_packings_own_shards(tmp_path, pngs, capsys)
                      "coco-extra-000002.tar": 2}
 
 
+def test_overwrite_leaves_a_file_only_named_like_a_shard_that_no_packing_wrote(tmp_path, pngs, capsys):
+    (tmp_path / "main").mkdir()
+    for png in list(pngs)[:6]:
+        (tmp_path / "main" / png).write_bytes(pngs[png])
+    shards = tmp_path / "shards"
+    assert pack_cli.main(["--data", str(tmp_path / "main"), "--output", str(shards / "demo"),
+                          "--shard-size", "2"]) == 0
+    (shards / "demo-000099.tar").write_bytes(b"mine")  # the user's, named like a shard
+    assert pack_cli.main(["--data", str(tmp_path / "main"), "--output", str(shards / "demo"),
+                          "--shard-size", "4", "--overwrite"]) == 0
+    assert sorted(p.name for p in shards.glob("demo-*.tar")) == ["demo-000000.tar", "demo-000001.tar",
+                                                                 "demo-000099.tar"]
+    assert (shards / "demo-000099.tar").read_bytes() == b"mine"
+    said = capsys.readouterr()
+    assert "left" in said.out + said.err and "demo-000099.tar" in said.out + said.err
+
+
 # --------------------------------------------------------------------------------------------
 # 2. the index sees an archive extracted over the folder with its times restored
 
