@@ -16,7 +16,8 @@ from ..errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, MissingPackageError, S
 
 EXIT_CODES_HELP = ("exit codes: 0 ok, 1 bad input file, 2 bad arguments/config/data, 3 training diverged, "
                    "4 file-system error (e.g. cannot write output), 5 run folder in use by another run, "
-                   "6 distributed rendezvous timed out, 7 a needed package is not installed, 130 interrupted, "
+                   "6 distributed rendezvous timed out, 7 a needed package is not installed, "
+                   "8 the leak audit found masked patches reaching visible features, 130 interrupted, "
                    "143 stopped by SIGTERM after a checkpoint")
 
 _DETECTRON2 = ("install Detectron2 (not on PyPI: `make setup` installs it, or see the README's setup section) "
