@@ -309,6 +309,8 @@ def sparsify(
 
     per_position: set[str] = set()
     trusted = trusted_in_audit(impl)
+    modules = dict(model.named_modules())
+    unknown_owners = [o for o in plan.owners if o in modules and not trusted(o, modules[o])]
 
     def visit(parent: nn.Module, prefix: str) -> nn.Module:
         chosen = selected is None or prefix in selected
@@ -319,9 +321,7 @@ def sparsify(
             # a leaf that pools (a global pool; a max pool whose window covers the map)
             return sparse_subclass(type(parent), VisibleReductions).adopt(parent, active, prefix)
         convert = _converter_for(parent, impl)
-        if convert is not None and children and any(
-                name.startswith(f"{prefix}.") and not trusted(name, module)
-                for name, module in parent.named_modules(prefix=prefix) if name in plan.owners):
+        if convert is not None and children and any(o.startswith(f"{prefix}.") for o in unknown_owners):
             # a module holding an unknown one whose own code reduces over positions (a gate a user
             # put into a block the fast path knows) is not replaced whole: its children are
             # converted one by one, that one to visible positions
