@@ -21,6 +21,11 @@ line and the exit code, never a traceback.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Optional
+
 EXIT_OK = 0
 EXIT_BAD_FILE = 1
 EXIT_BAD_INPUT = 2
@@ -114,3 +119,35 @@ class LeakError(SparkDetError):
     """The leak audit found a visible feature that depends on masked patches (:mod:`spark_det.model.leak_probe`)."""
 
     exit_code = EXIT_LEAKS
+
+
+class DataWarning(UserWarning):
+    """A sample the run steps over (an unreadable image, a sample without one, a shard that ends
+    early): worth one line to the user, never a stop."""
+
+
+# Python's own formatting, for every warning that is not a DataWarning.
+_PYTHON_FORMAT = warnings.formatwarning
+
+
+def format_data_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                        line: Optional[str] = None) -> str:
+    """``warnings.formatwarning`` that writes a :class:`DataWarning` as one ``[data] warning:`` line,
+    like the rest of a run's log (Python's format adds the source line of whatever internal frame
+    raised it); every other warning as Python writes it. Only the format changes: filters and
+    ``catch_warnings(record=True)`` (pytest.warns) see the warning as before."""
+    if issubclass(category, DataWarning):
+        return f"[data] warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+@contextmanager
+def data_warnings_as_lines() -> Iterator[None]:
+    """Within this block (a command-line tool's run), :class:`DataWarning` shows as one line;
+    the previous format is restored on exit (``catch_warnings`` does not restore this one)."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = format_data_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous

@@ -12,7 +12,14 @@ import importlib
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
-from ..errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, MissingPackageError, SparkDetError, first_line
+from ..errors import (
+    EXIT_CANNOT_WRITE,
+    EXIT_INTERRUPTED,
+    MissingPackageError,
+    SparkDetError,
+    data_warnings_as_lines,
+    first_line,
+)
 
 EXIT_CODES_HELP = ("exit codes: 0 ok, 1 bad input file, 2 bad arguments/config/data, 3 training diverged, "
                    "4 file-system error (e.g. cannot write output), 5 run folder in use by another run, "
@@ -90,7 +97,8 @@ def parse_with_output(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
 def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run a command's ``main`` and turn user errors into one line and an exit code."""
     try:
-        return main(argv)
+        with data_warnings_as_lines():
+            return main(argv)
     except SparkDetError as exc:
         if not getattr(exc, "reported_by_main", False):  # under torchrun the main rank says it once
             print(f"error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import DataError
+from ..errors import DataError, DataWarning
 from .batches import collate, one_line_errors
 from .decode import IMAGE_EXTENSIONS, UNREADABLE, load_rgb, require_readable
 from .index import IndexCache, Progress, shared_index
@@ -196,7 +196,7 @@ class UnlabeledImages(Dataset):
             try:
                 image = load_rgb(self.paths[position])
             except UNREADABLE as exc:
-                warnings.warn(f"skipping unreadable image {self.paths[position]}: {exc}", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {self.paths[position]}: {exc}", DataWarning, stacklevel=2)
                 skipped.append(position)
                 continue
             with torch.random.fork_rng(devices=[]):

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..errors import EXIT_BAD_FILE, DataError
+from ..errors import EXIT_BAD_FILE, DataError, DataWarning
 from .batches import collate, one_line_errors
 from .decode import IMAGE_EXTENSIONS, UNREADABLE, load_rgb
 from .index import IndexCache, NameIndex, Progress, shared_index
@@ -224,7 +224,7 @@ def _counts_beside(urls: Sequence[str]) -> dict[str, tuple[int, str]]:
             try:
                 listed = parse_shard_counts(text, where)
             except CountsFileError as exc:
-                warnings.warn(f"ignoring {exc}", stacklevel=3)
+                warnings.warn(f"ignoring {exc}", DataWarning, stacklevel=3)
                 continue
             counts.update((u, (listed[n], where)) for u in members for n in [shard_name(u)] if n in listed)
             break
@@ -379,7 +379,8 @@ class ShardStream(IterableDataset):
                     if produced == wanted:
                         return
             except (OSError, ValueError, tarfile.TarError, EOFError) as exc:
-                warnings.warn(f"skipping the rest of shard {url} after {member} samples: {exc}", stacklevel=2)
+                warnings.warn(f"skipping the rest of shard {url} after {member} samples: {exc}", DataWarning,
+                              stacklevel=2)
             place, skip = place + 1, 0
             if produced == 0 and place - start[0] >= len(mine):
                 raise DataError(f"no sample of the {len(mine)} shard(s) of data worker {worker} can be read "
@@ -389,12 +390,13 @@ class ShardStream(IterableDataset):
         member = next((ext for ext in sample if ext.rsplit(".", 1)[-1] in IMAGE_MEMBERS), None)
         if member is None:
             warnings.warn(f"skipping sample {sample['__key__']} of {url}: no image member "
-                          f"({', '.join(k for k in sample if not k.startswith('__'))})", stacklevel=3)
+                          f"({', '.join(k for k in sample if not k.startswith('__'))})", DataWarning, stacklevel=3)
             return None
         try:
             image = load_rgb(io.BytesIO(sample[member]))
         except UNREADABLE as exc:
-            warnings.warn(f"skipping unreadable image {sample['__key__']}.{member} of {url}: {exc}", stacklevel=3)
+            warnings.warn(f"skipping unreadable image {sample['__key__']}.{member} of {url}: {exc}", DataWarning,
+                          stacklevel=3)
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, sample_key(sample["__key__"])))

@@ -28,6 +28,7 @@ import json
 import re
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -47,6 +48,7 @@ from ..errors import (
     PreemptedError,
     SparkDetError,
     first_line,
+    format_data_warning,
 )
 from ..io import PathLike, file_sha256, save_atomic, write_atomic
 from ..model.leak_probe import find_leak
@@ -69,10 +71,13 @@ from .visualize import save_reconstruction_grid
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
+def _prepare_data_worker(worker_id: int) -> None:
     # A scheduler signals every process of a job: a data worker that died of it would end the
     # step the trainer wants to finish; the trainer stops its workers itself.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A worker started by spawn or forkserver (macOS; Linux from Python 3.14) does not inherit the
+    # command's one-line display of skipped samples; the worker is the trainer's own process.
+    warnings.formatwarning = format_data_warning
 
 
 class _StopRequested(Exception):
@@ -487,8 +492,9 @@ class Pretrainer:
             written = on_main_rank(lambda: self._write_epoch_outputs(self.start_epoch, preview, only_missing=True),
                                    self.dist)
             if written:
-                self.log(f"[pretrain] wrote {', '.join(p.name for p in written)}, which the interrupted run had "
-                         "not written")
+                # missing after a kill, or due only now (a finished run resumed with more epochs)
+                self.log(f"[pretrain] wrote {', '.join(p.name for p in written)} (epoch {self.start_epoch}), which "
+                         "were due and missing from the folder")
         start = self.start_epoch * self.iters_per_epoch + self.start_iter
         if start >= self.total_iters:
             self.log(f"[pretrain] training was already complete ({cfg['epochs']} epochs)")
@@ -540,7 +546,7 @@ class Pretrainer:
                 for epoch in range(self.start_epoch, cfg["epochs"]):
                     first = self.start_iter if epoch == self.start_epoch else 0
                     loader = self.source.loader(epoch, first, pin_memory=self.device.type == "cuda",
-                                                worker_init_fn=_leave_sigterm_to_the_trainer)
+                                                worker_init_fn=_prepare_data_worker)
                     train_one_epoch(self.model, self.spark, loader, self.optimizer, self.schedule, epoch,
                                     self.iters_per_epoch, first, self.device, cfg["seed"], cfg["accum_steps"],
                                     cfg["clip_grad"], self.amp_dtype, self.scaler, cfg["channels_last"], on_iteration,

@@ -14,7 +14,7 @@ from torchvision.utils import save_image
 from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.decode import read_images
 from ..data.folder import find_images
-from ..errors import CheckpointError, DataError, first_line
+from ..errors import CheckpointError, DataError, DataWarning, first_line
 from ..io import PathLike, load_file, write_atomic
 from ..model.registry import create_spark
 from ..model.spark import SparK
@@ -49,7 +49,7 @@ def reconstruction_grid_from_checkpoint(checkpoint: PathLike, images: PathLike, 
                               "an exported encoder has no decoder to reconstruct with")
     found, unreadable = read_images(find_images(images), num_images)
     for path, reason in unreadable:
-        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+        warnings.warn(f"skipping unreadable image {path}: {reason}", DataWarning, stacklevel=2)
     if not found:
         raise DataError(f"none of the images in {images} can be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     cfg = ckpt["config"]

@@ -140,7 +140,7 @@ def test_kill_9_during_checkpoint_and_final_export_writes_then_resume_loses_noth
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "removed" in proc.stdout and "left by an interrupted write" in proc.stdout
-    assert "which the interrupted run had not written" in proc.stdout
+    assert "which were due and missing from the folder" in proc.stdout
     assert temporaries(out) == []
     assert losses(out) == losses(straight)  # each iteration once, bit-exact: resume is exact
     for name in ("encoder-resnet18.pth", "reconstruction-epoch002.png", "checkpoint-last.pth"):
@@ -345,6 +345,19 @@ def test_visualize_skips_unreadable_images_and_refuses_a_folder_of_them(images, 
         assert visualize_cli.main([str(straight / "checkpoint-last.pth"), str(broken), "--output",
                                    str(tmp_path / "g2.png")]) == 2
     assert "none of the images in" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "data-workers"])
+def test_an_unreadable_image_is_one_warning_line_not_a_python_warning(images, tmp_path, workers):
+    data = tmp_path / "mixed"
+    shutil.copytree(images, data)
+    (data / "broken.png").write_bytes(b"\x89PNG garbage")
+    proc = subprocess.run(command(data, tmp_path / "run", *TINY, "epochs=1", f"num_workers={workers}"), cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    about_it = [line for line in proc.stderr.splitlines() if "broken.png" in line]
+    assert about_it and all(line.startswith("[data] warning: skipping unreadable image ") for line in about_it)
+    assert "UserWarning" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _user_namespace_tmpfs() -> bool:
