@@ -8,7 +8,7 @@ import fcntl
 import json
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import DataError
 from ..io import write_atomic
@@ -97,29 +97,43 @@ def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool 
     written: list[str] = []
     left_out: list[str] = []
 
-    def write_shard(f: Any, start: int) -> None:
+    def readable() -> Iterator[tuple[int, bytes]]:
+        """(folder index, bytes) of each file whose header parses as an image, in index order."""
+        for i, path in enumerate(images):
+            try:
+                with Image.open(path) as img:
+                    img.size  # noqa: B018 (parses the header)
+                yield i, path.read_bytes()
+            except UNREADABLE as exc:
+                left_out.append(f"{path}: {exc}")
+
+    # Shards are filled with readable files only: a left-out file shortens no shard (one of size 1
+    # would be empty, and an empty shard is dealt to no worker).
+    samples = readable()
+    pending = next(samples, None)
+
+    def write_shard(f: Any) -> None:
+        nonlocal pending
         with TarWriter(f, encoder=False, mtime=0) as tar:  # mtime=0: the same files give the same bytes
-            for i in range(start, min(start + shard_size, len(images))):
-                path = images[i]
-                try:
-                    with Image.open(path) as img:
-                        img.size  # noqa: B018 (parses the header)
-                    payload = path.read_bytes()
-                except UNREADABLE as exc:
-                    left_out.append(f"{path}: {exc}")
-                    continue
-                ext = path.suffix.lower().lstrip(".")
+            for _ in range(shard_size):
+                if pending is None:
+                    break
+                i, payload = pending
+                ext = images[i].suffix.lower().lstrip(".")
                 tar.write({"__key__": f"{i:09d}", ext: payload, "path": os.fsencode(images.names[i])})
+                pending = next(samples, None)
 
     progress = Progress(log, data)
     umask = os.umask(0)
     os.umask(umask)
-    for number, start in enumerate(range(0, len(images), shard_size)):
-        path = f"{prefix}-{number:06d}.tar"
-        write_atomic(path, lambda f, start=start: write_shard(f, start))
+    while pending is not None:
+        path = f"{prefix}-{len(written):06d}.tar"
+        write_atomic(path, write_shard)
         os.chmod(path, 0o666 & ~umask)  # readable like any file the user writes (temporaries are private)
         written.append(path)
-        progress.tick(min(start + shard_size, len(images)), "images packed")
+        progress.tick(len(images) if pending is None else pending[0], "images packed")
+    if not written:
+        raise DataError(f"none of the {len(images)} file(s) in {data} is an image (e.g. {left_out[0]})")
     # An earlier, longer packing under the same prefix: its shards are those its sizes.json records
     # (written by pack-shards); a file that only matches the name pattern was not, and stays.
     rewritten = {os.path.basename(p) for p in written}

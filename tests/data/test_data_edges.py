@@ -90,6 +90,23 @@ def test_overwrite_leaves_a_file_only_named_like_a_shard_that_no_packing_wrote(t
     assert "left" in said.out + said.err and "demo-000099.tar" in said.out + said.err
 
 
+def test_files_left_out_shorten_no_shard_and_a_folder_of_no_images_is_one_line(tmp_path, pngs, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for png in list(pngs)[:4]:
+        (folder / png).write_bytes(pngs[png])
+    (folder / "000000000-corrupt.png").write_bytes(b"\x89PNG garbage")  # sorts first
+    assert pack_cli.main(["--data", str(folder), "--output", str(tmp_path / "s" / "x"), "--shard-size", "1"]) == 0
+    assert json.loads((tmp_path / "s" / "sizes.json").read_text()) == {f"x-00000{n}.tar": 1 for n in range(4)}
+    assert "4 images in 4 shard(s)" in capsys.readouterr().out
+    for png in list(pngs)[:4]:
+        (folder / png).write_bytes(b"not an image either")
+    assert pack_cli.main(["--data", str(folder), "--output", str(tmp_path / "t" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: none of the 5 file(s) in") and len(err.splitlines()) == 1
+    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+
+
 # --------------------------------------------------------------------------------------------
 # 2. the index sees an archive extracted over the folder with its times restored
 
