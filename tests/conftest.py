@@ -47,6 +47,24 @@ def _deterministic_torch():
 
 
 @pytest.fixture(scope="session")
+def unlabeled_images(tmp_path_factory):
+    """``unlabeled_images(count, size=64)``: a folder of ``count`` synthetic unlabeled images
+    (seed 0), made once per session and shared by every module asking for the same one; tests
+    only read it (a test that changes images copies the folder first)."""
+    from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
+
+    made = {}
+
+    def folder(count: int, size: int = 64) -> Path:
+        if (count, size) not in made:
+            made[count, size] = write_unlabeled_images(tmp_path_factory.mktemp(f"unlabeled-{count}x{size}px"), count,
+                                                       seed=0, cfg=SceneConfig(image_size=(size, size)))
+        return made[count, size]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory):
     """4 train / 2 val synthetic 128 px images in COCO format, shared by the framework tests."""
     from spark_det.demo.synthetic import make_dataset

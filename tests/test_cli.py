@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from spark_det.cli import COMMANDS, convert, demo, make_data, pretrain, visualize
-from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")
@@ -18,8 +17,8 @@ PARSERS = {"pretrain": pretrain, "convert": convert, "visualize": visualize, "de
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_unlabeled_images(tmp_path_factory.mktemp("cli"), 16, seed=0, cfg=SceneConfig(image_size=(64, 64)))
+def images(unlabeled_images):
+    return unlabeled_images(16)
 
 
 def spark_det(*args, timeout=600):

@@ -35,9 +35,8 @@ TINY = ["model=test_resnet", "input_size=[64,64]", "decoder_width=32", "batch_si
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_unlabeled_images(tmp_path_factory.mktemp("unlabeled"), 32, seed=0,
-                                  cfg=SceneConfig(image_size=(64, 64)))
+def images(unlabeled_images):
+    return unlabeled_images(32)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from spark_det.data.folder import FolderSource
 from spark_det.data.packing import pack_shards
 from spark_det.data.shards import ShardSource
 from spark_det.data.source import DataSource, open_source
-from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.distributed import DistInfo
 from spark_det.errors import DataError
 
@@ -22,8 +21,8 @@ quiet = lambda _: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_unlabeled_images(tmp_path_factory.mktemp("images"), 8, seed=0, cfg=SceneConfig(image_size=(32, 32)))
+def folder(unlabeled_images):
+    return unlabeled_images(8, size=32)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from safetensors import safe_open
 
 from spark_det.cli import convert as convert_cli
 from spark_det.cli import pretrain as pretrain_cli
-from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.errors import EXIT_BAD_FILE, EXIT_BAD_INPUT
 from spark_det.io import file_sha256, load_file
 from spark_det.train import Pretrainer, load_config
@@ -29,9 +28,8 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_unlabeled_images(tmp_path_factory.mktemp("unlabeled"), 16, seed=0,
-                                  cfg=SceneConfig(image_size=(64, 64)))
+def images(unlabeled_images):
+    return unlabeled_images(16)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from spark_det.cli import pretrain as pretrain_cli
-from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.io import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,9 +29,8 @@ TINY = ("model=test_resnet", "input_size=[64,64]", "decoder_width=32", "batch_si
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_unlabeled_images(tmp_path_factory.mktemp("unlabeled"), 32, seed=0,
-                                  cfg=SceneConfig(image_size=(64, 64)))
+def images(unlabeled_images):
+    return unlabeled_images(32)
 
 
 def pretrain(data, out, *overrides, extra=()):

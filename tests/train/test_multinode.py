@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from spark_det.cli import pretrain as pretrain_cli
-from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "pretrain" / "resnet18_smoke.yaml")
@@ -31,9 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_unlabeled_images(tmp_path_factory.mktemp("unlabeled"), 32, seed=0,
-                                  cfg=SceneConfig(image_size=(64, 64)))
+def images(unlabeled_images):
+    return unlabeled_images(32)
 
 
 @pytest.fixture(scope="module")

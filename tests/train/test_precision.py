@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from spark_det.cli import pretrain as pretrain_cli
-from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.model import SparseEncoder
 from spark_det.sparse.masking import random_visible_mask
 from spark_det.sparse.reference import GatherScatterBatchNorm
@@ -45,8 +44,8 @@ def test_batchnorm_statistics_under_autocast_stay_finite_and_close_to_fp32(dtype
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_unlabeled_images(tmp_path_factory.mktemp("amp"), 16, seed=0, cfg=SceneConfig(image_size=(64, 64)))
+def images(unlabeled_images):
+    return unlabeled_images(16)
 
 
 def _losses(out):

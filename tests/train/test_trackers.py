@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from spark_det.cli import pretrain as pretrain_cli
-from spark_det.demo.synthetic import SceneConfig, write_unlabeled_images
 from spark_det.errors import EXIT_BAD_INPUT
 from spark_det.train.config import load_config
 from spark_det.train.trackers import logger_names
@@ -33,9 +32,8 @@ def offline(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_unlabeled_images(tmp_path_factory.mktemp("unlabeled"), 16, seed=0,
-                                  cfg=SceneConfig(image_size=(64, 64)))
+def images(unlabeled_images):
+    return unlabeled_images(16)
 
 
 def pretrain(images, out, *args):
