@@ -39,6 +39,22 @@ def test_every_argument_has_help_and_the_output_is_called_output(name):
     assert "exit codes: 0 ok, 1 bad input file, 2 bad arguments" in parser.format_help()
 
 
+def test_the_exit_codes_of_the_code_its_help_and_the_reliability_page_are_the_same_list():
+    import re
+
+    from spark_det import errors
+    from spark_det.cli.common import EXIT_CODES_HELP
+
+    in_code = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    in_help = {int(code) for code in re.findall(r"(?:: |, )(\d+) ", EXIT_CODES_HELP)}
+    page = (ROOT / "docs" / "reliability.md").read_text()
+    in_docs = {int(code) for code in re.findall(r"^\| (\d+) \|", page, flags=re.M)}
+    in_docstring = {int(code) for code in re.findall(r"^\| (\d+) +\|", errors.__doc__, flags=re.M)}
+    assert in_code == in_help == in_docs == in_docstring, (in_code, in_help, in_docs, in_docstring)
+    raised = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and hasattr(cls, "exit_code")}
+    assert raised <= in_code
+
+
 def test_the_console_script_runs_every_command_it_lists():
     assert spark_det("collect-env").returncode == 0
     for name in COMMANDS:

@@ -206,14 +206,16 @@ def test_pretraining_runs_from_python_without_the_command_line(images, tmp_path)
 def test_two_processes_with_accumulation_match_one_process_with_the_same_micro_batches(images, tmp_path):
     """Rank r's micro-batch m holds global positions [m B/A, (m+1) B/A) of the batch (ranks take
     strided samples), and BatchNorm statistics are all-reduced: so 2 ranks x 2 accumulation steps
-    compute what 1 rank x 2 steps computes. (1 rank x 1 step differs: its BatchNorm sees the whole
-    batch at once.) Tolerances: losses rel 1e-4 (fp32 reduction order); weights: the mean change
-    differs by < 2e-2 of the mean update, and no element by more than 10% of the peak lr (LAMB, like
-    Adam, normalises each element's update, so a gradient element near 0 is turned into a full step
-    by its rounding: layer4's shortcut BatchNorm weight has |grad| ~1e-8 and a 2-3e-3 relative
-    rounding error in fp32 against float64, with either BatchNorm backward; measured: 7.8e-3 of the
-    mean update, max 6.7% of the lr; 3.5e-4 and 2% with the previous autograd-traced BatchNorm).
-    Other samples or masks in a micro-batch move the weights by hundreds of times the update."""
+    compute what 1 rank x 2 steps computes, up to the order of fp32 sums. (1 rank x 1 step differs:
+    its BatchNorm sees the whole batch at once.)
+
+    What that order can change, and so what is asserted: LAMB, like Adam, normalises each element's
+    update, so an element whose gradient is at rounding level (layer4's shortcut BatchNorm weight:
+    |grad| ~1e-8) takes a step whose size and sign rounding decides: no per-element bound below the
+    step itself is guaranteed, on any CPU or torch (this CPU: 6.7% of the lr on torch 2.14, 50% on
+    2.4). What holds is the whole: the weights' mean difference is a small part of the mean update
+    (0.8% here), where other samples or masks in a micro-batch move the weights by hundreds of times
+    the update; the bound, 10%, sits between the two, far from both. Losses: rel 1e-4."""
     common = ["--recipe", RECIPE, "--data", str(images), "--device", "cpu", "epochs=1", "batch_size=8",
               "warmup_epochs=1", "lr=2e-3", "accum_steps=2"]
     pretrain_processes(1, *common, "--output", tmp_path / "one")
@@ -226,8 +228,7 @@ def test_two_processes_with_accumulation_match_one_process_with_the_same_micro_b
     difference = torch.cat([(two[k] - one[k]).flatten() for k in keys]).abs()
     update = torch.cat([(one[k] - start[k]).flatten() for k in keys]).abs()
     assert update.mean() > 0
-    assert difference.mean() < 2e-2 * update.mean(), (difference.mean(), update.mean())
-    assert difference.max() <= 0.1 * 2e-3
+    assert difference.mean() < 0.1 * update.mean(), (difference.mean(), update.mean())
     for k in one:
         if "running_" in k:  # the synchronised BatchNorm statistics (of slightly different weights)
             torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4 * one[k].abs().max().item(), msg=k)
