@@ -39,6 +39,7 @@ def test_mask_rcnn_r50_fpn_trains_a_step_and_evaluates_with_pycocotools(tmp_path
     cfg.model.train_cfg.rcnn.sampler.num = 32
     cfg.model.test_cfg.rpn.nms_pre = 200
     cfg.model.test_cfg.rpn.max_per_img = 50
+    cfg.model.test_cfg.rcnn.score_thr = 0.0  # a model trained 2 iterations must still detect (AP is computed)
     for loader, split in ((cfg.train_dataloader, "train"), (cfg.val_dataloader, "val"), (cfg.test_dataloader, "val")):
         loader.batch_size = 2
         loader.num_workers = 0

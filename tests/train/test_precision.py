@@ -60,7 +60,11 @@ def test_a_few_steps_in_half_precision_track_fp32_and_export_a_finite_encoder(im
     assert pretrain_cli.main([*common, "--output", str(tmp_path / amp), f"amp={amp}"]) == 0
     fp32, half = _losses(tmp_path / "fp32"), _losses(tmp_path / amp)
     assert len(half) == len(fp32) == 4
-    # measured: within 4e-4 of fp32 (the loss is a mean over ~10^4 patch errors); 2e-3 leaves a margin
-    assert half == pytest.approx(fp32, rel=2e-3)
+    # The first loss is of the same weights: a mean over ~10^4 patch errors whose roundings are
+    # independent, so well inside one unit roundoff of bf16 (2^-8) of fp32 whichever kernels the CPU
+    # picks (native bf16/fp16 units or conversions through fp32; this CPU: 4e-4). Later losses are of
+    # weights LAMB moved from slightly different gradients: on track, not bounded by rounding.
+    assert half[0] == pytest.approx(fp32[0], rel=2 ** -8)
+    assert half[1:] == pytest.approx(fp32[1:], rel=5e-2)
     exported = torch.load(tmp_path / amp / "encoder-resnet18.pth", weights_only=True)
     assert all(torch.isfinite(v).all() for v in exported.values() if v.is_floating_point())
