@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, DataWarning
-from .batches import collate, one_line_errors
+from .batches import batches_from, collate
 from .decode import IMAGE_EXTENSIONS, UNREADABLE, load_rgb, require_readable
 from .index import IndexCache, Progress, shared_index
 from .sampler import EpochSampler, sample_seed
@@ -238,7 +238,7 @@ class FolderSource:
 
     def loader(self, epoch: int, first: int, **kwargs: Any) -> Iterator[dict]:
         self.sampler.set_epoch(epoch, first)
-        return one_line_errors(DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
+        return batches_from(DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
                                           collate_fn=collate, num_workers=self.num_workers, drop_last=True, **kwargs))
 
     def state(self) -> None:

@@ -93,7 +93,14 @@ def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool 
         raise DataError(f"{folder} already holds shards {existing[0]}, ...; choose another --output or add "
                         "--overwrite")
     images = find_images(data, log=log)
-    os.makedirs(folder, exist_ok=True)
+    # --overwrite replaces only what an earlier packing wrote (its sizes.json says so): a file merely
+    # named like a shard this packing may write stops it before anything is written.
+    most = -(-len(images) // shard_size)
+    recorded = _recorded_shards(folder)
+    foreign = [n for n in existing if n not in recorded and int(n[-10:-4]) < most]
+    if foreign:
+        raise DataError(f"{os.path.join(folder, foreign[0])} is named like a shard this packing writes, but no "
+                        "packing recorded writing it (sizes.json): move it away or choose another --output")
     written: list[str] = []
     left_out: list[str] = []
 
@@ -137,7 +144,6 @@ def pack_shards(data: str, prefix: str, shard_size: int = 1000, overwrite: bool 
     # An earlier, longer packing under the same prefix: its shards are those its sizes.json records
     # (written by pack-shards); a file that only matches the name pattern was not, and stays.
     rewritten = {os.path.basename(p) for p in written}
-    recorded = _recorded_shards(folder)
     stale = [n for n in existing if n not in rewritten and n in recorded]
     for name in stale:
         os.remove(os.path.join(folder, name))

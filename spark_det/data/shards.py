@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import EXIT_BAD_FILE, DataError, DataWarning
-from .batches import collate, one_line_errors
+from .batches import batches_from, collate
 from .decode import IMAGE_EXTENSIONS, UNREADABLE, load_rgb
 from .index import IndexCache, NameIndex, Progress, shared_index
 from .sampler import sample_seed
@@ -483,7 +483,7 @@ class ShardSource:
         self.stream.configure(epoch, first, workers, starts)
         loader = DataLoader(self.stream, batch_size=self.per_rank_batch, collate_fn=collate,
                             num_workers=self.num_workers, drop_last=True, **kwargs)
-        for batch in one_line_errors(loader):
+        for batch in batches_from(loader):
             worker, place, member = batch["position"]
             self.positions[worker] = (place, member)
             yield batch

@@ -493,8 +493,8 @@ class Pretrainer:
                                    self.dist)
             if written:
                 # missing after a kill, or due only now (a finished run resumed with more epochs)
-                self.log(f"[pretrain] wrote {', '.join(p.name for p in written)} (epoch {self.start_epoch}), which "
-                         "were due and missing from the folder")
+                self.log(f"[pretrain] wrote the outputs due after epoch {self.start_epoch} that were missing from "
+                         f"the folder: {', '.join(p.name for p in written)}")
         start = self.start_epoch * self.iters_per_epoch + self.start_iter
         if start >= self.total_iters:
             self.log(f"[pretrain] training was already complete ({cfg['epochs']} epochs)")

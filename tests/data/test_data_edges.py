@@ -104,7 +104,25 @@ def test_files_left_out_shorten_no_shard_and_a_folder_of_no_images_is_one_line(t
     assert pack_cli.main(["--data", str(folder), "--output", str(tmp_path / "t" / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: none of the 5 file(s) in") and len(err.splitlines()) == 1
-    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+    assert not (tmp_path / "t").exists()  # nothing written, not even the folder
+
+
+def test_overwrite_refuses_to_replace_a_file_only_named_like_one_of_its_shards(tmp_path, pngs, capsys):
+    (tmp_path / "main").mkdir()
+    for png in list(pngs)[:4]:
+        (tmp_path / "main" / png).write_bytes(pngs[png])
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "u-000001.tar").write_bytes(b"mine")  # the user's, where shard 1 of 2 would go
+    assert pack_cli.main(["--data", str(tmp_path / "main"), "--output", str(shards / "u"), "--shard-size", "2",
+                          "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "u-000001.tar is named like a shard this packing writes, but no packing recorded" in err
+    assert sorted(os.listdir(shards)) == ["u-000001.tar"] and (shards / "u-000001.tar").read_bytes() == b"mine"
+    # beyond what the packing writes it is left in place (with a warning), as before
+    assert pack_cli.main(["--data", str(tmp_path / "main"), "--output", str(shards / "u"), "--shard-size", "4",
+                          "--overwrite"]) == 0
+    assert (shards / "u-000001.tar").read_bytes() == b"mine"
 
 
 # --------------------------------------------------------------------------------------------

@@ -246,6 +246,24 @@ def test_a_missing_shard_is_one_line_and_writes_nothing(shards, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_data_worker_with_nothing_readable_stops_the_run_at_once_with_one_line(images, tmp_path):
+    """The error comes from a data worker; the run must end with it (exit 2), not wait forever for
+    workers that ignore SIGTERM (seen hanging, with the error printed, when an error's traceback
+    kept the DataLoader iterator alive until interpreter exit)."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    good = sorted(Path(images).glob("*.png"))[0].read_bytes()
+    (folder / "a.png").write_bytes(good)
+    (folder / "b.png").write_bytes(good[: len(good) // 2])  # truncated past its header: packed, unreadable
+    assert tool("--data", str(folder), "--output", str(tmp_path / "s" / "t"), "--shard-size", "1",
+                module="pack-shards").returncode == 0
+    proc = tool("--recipe", RECIPE, "--data", str(tmp_path / "s" / "t-{000000..000001}.tar"), "--output",
+                str(tmp_path / "run"), "--device", "cpu", *TINY, "batch_size=1", "num_workers=2", "vis_images=0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "can be read" in errors[0] and "Traceback" not in proc.stderr
+
+
 def test_too_few_shards_for_the_workers_is_one_line(shards, tmp_path):
     two = shards.replace("000007}", "000001}")
     proc = tool("--recipe", RECIPE, "--data", two, "--output", str(tmp_path / "run"), "--device", "cpu", *TINY,
