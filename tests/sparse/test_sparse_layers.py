@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from ports import free_port
 from timm.layers import LayerNorm2d, SEModule
 
 from spark_det.model.encoder import SparseEncoder
@@ -201,7 +202,7 @@ def test_sparse_sync_batchnorm_across_two_gloo_processes_equals_one_process_on_t
 
     with mp.Manager() as manager:
         result = manager.dict()
-        port = 29500 + os.getpid() % 1000
+        port = free_port()
         mp.spawn(_sync_bn_worker, args=(2, port, x, visible, result), nprocs=2, join=True)
         outs = [result[r] for r in range(2)]
     torch.testing.assert_close(torch.cat([o[0] for o in outs]), full_out.detach(), rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from ports import free_port
 from torch._dynamo.utils import counters
 
 from spark_det.cli import pretrain as pretrain_cli
@@ -157,7 +158,7 @@ def test_two_gloo_processes_with_bf16_accumulation_and_channels_last_compiled_ma
         log = tmp_path / f"{name}.log"
         with open(log, "w") as out:  # a file, not a pipe: nobody drains a pipe while torchrun runs
             code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                   "--master_port", str(29000 + (os.getpid() * 11 + len(name)) % 900),
+                                   "--master_port", str(free_port()),
                                    "tools/pretrain.py", *common, *extra, "--output", str(tmp_path / name)],
                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode
         assert code == 0, log.read_text()[-3000:]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from spark_det.cli import pretrain as pretrain_cli
 
@@ -57,7 +58,6 @@ def assert_same_run(out, straight, rel=1e-4, exact_first=None):
     assert (Path(out) / "encoder-test_resnet.pth").is_file()
 
 
-_ports = iter(range(20000 + os.getpid() % 900 * 10, 40000))
 
 
 def env(**extra):
@@ -74,7 +74,7 @@ def tool_args(images, out, *overrides, resume=True):
 def torchrun(nproc, *args, launcher=(), timeout=300, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launcher]
     if not launcher:
-        cmd += ["--master_port", str(next(_ports))]
+        cmd += ["--master_port", str(free_port())]
     proc = subprocess.run([*cmd, "-m", "spark_det", "pretrain", *args], cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=timeout)
     if check:
@@ -132,7 +132,7 @@ def slurm_task(rank, port):
 
 
 def test_two_torchrun_agents_on_one_host_train_like_one_process(images, straight, tmp_path):
-    out, port = tmp_path / "run", next(_ports)
+    out, port = tmp_path / "run", free_port()
     results = together([([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
                           "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                           "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)], env())
@@ -146,7 +146,7 @@ def two_nodes(images, outputs, logs, timeout=240):
     """Two torchrun agents (one process each) as two nodes would run them, node i writing to
     ``outputs[i]``; their output goes to files (a pipe nobody drains would block the workers).
     Returns [(exit code, output)] per node."""
-    port, procs = next(_ports), []
+    port, procs = free_port(), []
     for node, (out, log) in enumerate(zip(outputs, logs)):
         with open(log, "w") as f:
             procs.append(subprocess.Popen(
@@ -182,7 +182,7 @@ def test_ranks_that_would_resume_from_different_checkpoints_stop_together_with_o
 
 def test_srun_without_torchrun_reads_the_slurm_variables(images, straight, tmp_path):
     # and each task has a node-local cache: rank 0 indexes the data, rank 1 receives the index
-    out, port, caches = tmp_path / "run", next(_ports), [tmp_path / "cache0", tmp_path / "cache1"]
+    out, port, caches = tmp_path / "run", free_port(), [tmp_path / "cache0", tmp_path / "cache1"]
     results = together([([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False)],
                          {**slurm_task(rank, port), "SPARK_DET_CACHE": str(caches[rank])}) for rank in (0, 1)])
     assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
@@ -216,7 +216,7 @@ def test_shards_on_two_processes_with_two_workers_each_stop_and_resume_exactly(s
 
 
 def test_ranks_launched_with_different_overrides_stop_with_one_line(images, tmp_path):
-    out, port = tmp_path / "run", next(_ports)
+    out, port = tmp_path / "run", free_port()
     results = together([([sys.executable, "-m", "spark_det", "pretrain", *tool_args(images, out, resume=False),
                           f"lr={lr}"], slurm_task(rank, port)) for rank, lr in ((0, 1e-3), (1, 2e-3))])
     assert [code for code, _, _ in results] == [2, 2]
@@ -235,7 +235,7 @@ def test_an_elastic_restart_after_a_killed_worker_loses_and_repeats_nothing(imag
     out = tmp_path / "run"
     # torch's own restart on gloo sometimes fails to connect (pytorch issue 167288): a short
     # dist_timeout_s ends such an attempt in seconds, and the restart budget absorbs it.
-    launcher = ["--max-restarts", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{next(_ports)}"]
+    launcher = ["--max-restarts", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *launcher,
                               "-m", "spark_det", "pretrain", *tool_args(images, out), "dist_timeout_s=15"], cwd=ROOT,
                              env=env(),

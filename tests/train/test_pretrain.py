@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from ports import free_port
 
 from spark_det.cli import pretrain as pretrain_cli
 from spark_det.data.decode import load_rgb
@@ -40,7 +41,7 @@ def pretrain_processes(nproc: int, *args) -> subprocess.CompletedProcess:
     """tools/pretrain.py as one plain process or as ``nproc`` torchrun (gloo) processes; must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                      "--master_port", str(29000 + (os.getpid() * 7 + nproc) % 900)]
+                                      "--master_port", str(free_port())]
     proc = subprocess.run([sys.executable, *launcher, "tools/pretrain.py", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
