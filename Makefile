@@ -2,17 +2,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# The suite runs on TEST_WORKERS pytest processes (pytest-xdist), each test file whole on one of them
-# (its module fixtures are made once): on 2 cores most tests wait on a subprocess or one thread.
-TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
 # `make test` also runs the framework-free part of the suite (sparse, model, data, train, transfer) in
 # .venv-min, on the lowest torch / torchvision / timm that setup.cfg allows (tools/setup/setup_min_env.sh);
 # the slow tests there (timm families, multi-process runs) only by hand: make test-min MIN_MARKERS="not detectron2 and not mmdet"
 VENV_MIN ?= .venv-min
 MIN_TESTS ?= tests/sparse tests/model tests/data tests/train tests/transfer
 MIN_MARKERS ?= not slow and not detectron2 and not mmdet
-RUN_MIN := $(VENV_MIN)/bin/python -m pytest $(XDIST) $(MIN_TESTS) -m "$(MIN_MARKERS)"
+RUN_MIN := $(VENV_MIN)/bin/python -m pytest $(MIN_TESTS) -m "$(MIN_MARKERS)"
 
 .PHONY: setup setup-min test test-min test-fast demo lint docs clean
 
@@ -23,14 +19,14 @@ setup-min:
 	SPARK_DET_MIN_VENV=$(VENV_MIN) bash tools/setup/setup_min_env.sh
 
 test: setup setup-min
-	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 	$(RUN_MIN)
 
 test-min: setup-min
 	$(RUN_MIN)
 
 test-fast: setup
-	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/spark-det demo --output outputs/demo

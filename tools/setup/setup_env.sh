@@ -53,7 +53,7 @@ BASE_PINS=(
   "mmengine==0.10.7"
   "fvcore==0.1.5.post20221221" "iopath==0.1.9" "yacs" "omegaconf>=2.1,<2.4" "hydra-core>=1.1"
   "termcolor" "tabulate" "cloudpickle"
-  "pytest>=7.3" "pytest-timeout" "pytest-xdist" "ruff"
+  "pytest>=7.3" "pytest-timeout" "ruff"
   "safetensors>=0.4" "wandb" "mlflow-skinny"  # the tracker tests (W&B offline, MLflow file store)
   "mkdocs>=1.6,<2" "mkdocs-material>=9.5,<10"  # make docs, and tests/test_docs.py's strict build
 )
