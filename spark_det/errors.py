@@ -22,6 +22,8 @@ line and the exit code, never a traceback.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Optional
 
 EXIT_OK = 0
@@ -139,17 +141,13 @@ def format_data_warning(message: Warning | str, category: type[Warning], filenam
     return _PYTHON_FORMAT(message, category, filename, lineno, line)
 
 
-class data_warnings_as_lines:  # noqa: N801 - used as a function: ``with data_warnings_as_lines():``
+@contextmanager
+def data_warnings_as_lines() -> Iterator[None]:
     """Within this block (a command-line tool's run), :class:`DataWarning` shows as one line;
-    the previous format is restored on exit (``catch_warnings`` does not restore this one).
-
-    A class, not a ``@contextmanager`` generator: an exception passing through a generator's frame
-    stays referenced from it until the garbage collector runs, and with it the traceback's frames,
-    a DataLoader iterator among them, whose workers then outlive the run."""
-
-    def __enter__(self) -> None:
-        self.previous = warnings.formatwarning
-        warnings.formatwarning = format_data_warning
-
-    def __exit__(self, *exc_info: object) -> None:
-        warnings.formatwarning = self.previous
+    the previous format is restored on exit (``catch_warnings`` does not restore this one)."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = format_data_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
